@@ -1,0 +1,492 @@
+"""NOAH, the Non-glObal Attentive Head, and the backbones of the paper, in one file.
+
+    Li & Yao, "NOAH: Learning Pairwise Object Category Attentions for Image Classification" (2022).
+
+A classifier usually ends with global average pooling and one linear layer: the feature map is
+squeezed into one vector before any class is considered. NOAH keeps the map and lets every class
+look for itself where in the image it is. Read this file top to bottom:
+
+  1. The heads: `NOAH` (the paper's idea) and `GAPHead` (the standard head it replaces).
+  2. CNN backbones: ResNet, MobileNetV2, MobileNetV3-Small, ShuffleNetV2.
+  3. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
+
+Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
+`head` that turns that map into logits: `model(x) == model.head(model.forward_features(x))`.
+Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, K classes.
+"""
+import math
+from functools import partial
+
+import torch
+from einops import einsum, rearrange, reduce
+from torch import nn
+
+# ------------------------------------------------------------------------------------------------
+# 1. The heads
+# ------------------------------------------------------------------------------------------------
+
+
+class HeadwiseLinear(nn.Module):
+    """N independent linear maps, one per head, applied at every position: (B, N, D, L) -> (B, N, K, L).
+
+    This is a 1x1 convolution with `groups=N` (the original repository writes it that way); keeping
+    the weight as (N, K, D) makes the per-head structure visible. Initialized like that convolution:
+    Kaiming normal in fan-out mode, std = sqrt(2 / (N * K)), zero bias.
+    """
+
+    def __init__(self, heads, in_dim, out_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(heads, out_dim, in_dim) * math.sqrt(2.0 / (heads * out_dim)))
+        self.bias = nn.Parameter(torch.zeros(heads, out_dim))
+
+    def forward(self, x):
+        return einsum(x, self.weight, "b n d l, n k d -> b n k l") + rearrange(self.bias, "n k -> n k 1")
+
+
+class NOAH(nn.Module):
+    """The Non-glObal Attentive Head: logits from Pairwise Object Category Attentions (POCAs).
+
+    Given the last feature map x of shape (B, C, H, W):
+
+    1. Split, two levels. The first int(C * key_ratio) channels are keys, the rest values; keys and
+       values are each split into N = head_num groups, the heads:
+           keys (B, N, Ck/N, L)    values (B, N, Cv/N, L)
+    2. Interaction. In each head a 1x1 projection of the keys gives one score per class and
+       position; a softmax over the L positions turns each class's scores into a spatial
+       attention map, the POCA of that class in that head:
+           A = softmax_L(Wq keys + bq)                        (B, N, K, L), sums to 1 over L
+       A 1x1 projection of the values gives each class a value at each position:
+           V = dropout(Wv values + bv)                        (B, N, K, L)
+    3. Aggregation. Each class's logit is its values weighted by its attention, summed over
+       positions and heads:
+           logit[b, k] = sum_n sum_l A[b, n, k, l] * V[b, n, k, l]      (B, K)
+
+    A GAP + FC head weighs every position equally (A = 1/L everywhere) and shares that weighting
+    among all classes; NOAH learns a separate weighting per class and head, for a few thousand more
+    parameters: 2 * N * K * (Ck/N + Cv/N) + 2 * N * K against C * K + K.
+    """
+
+    def __init__(self, in_channels, num_classes, head_num=4, key_ratio=0.5, dropout=0.0):
+        super().__init__()
+        if not 0 < key_ratio < 1:
+            raise ValueError(f"key_ratio={key_ratio} must lie strictly between 0 and 1: it is the share of "
+                             f"the {in_channels} channels used as keys, the rest being values")
+        key_channels = int(in_channels * key_ratio)
+        value_channels = in_channels - key_channels
+        if key_channels == 0:
+            raise ValueError(f"key_ratio={key_ratio} leaves no key channels out of {in_channels}; "
+                             f"use key_ratio >= {1 / in_channels:.4g}")
+        check_head_num(head_num, key_channels, value_channels)
+        self.head_num = head_num
+        self.key_channels = key_channels
+        self.query = HeadwiseLinear(head_num, key_channels // head_num, num_classes)
+        self.value = HeadwiseLinear(head_num, value_channels // head_num, num_classes)
+        self.dropout = nn.Dropout(dropout)
+
+    def split(self, x):
+        """(B, C, H, W) -> keys (B, N, Ck/N, L), values (B, N, Cv/N, L)."""
+        keys, values = x[:, : self.key_channels], x[:, self.key_channels:]
+        keys = rearrange(keys, "b (n d) h w -> b n d (h w)", n=self.head_num)
+        values = rearrange(values, "b (n d) h w -> b n d (h w)", n=self.head_num)
+        return keys, values
+
+    def pocas(self, keys):
+        """Keys (B, N, Ck/N, L) -> POCAs (B, N, K, L): per head and class, a softmax over positions."""
+        return self.query(keys).softmax(dim=-1)
+
+    def forward(self, x):
+        keys, values = self.split(x)
+        attention = self.pocas(keys)  # (B, N, K, L)
+        values = self.dropout(self.value(values))  # (B, N, K, L)
+        return einsum(attention, values, "b n k l, b n k l -> b k")
+
+    def attention_maps(self, x):
+        """The POCA maps themselves, from the same split and projection as forward: (B, N, K, H, W)."""
+        keys, _ = self.split(x)
+        return rearrange(self.pocas(keys), "b n k (h w) -> b n k h w", h=x.shape[-2])
+
+
+def check_head_num(head_num, key_channels, value_channels):
+    """NOAH splits keys and values into head_num equal groups: head_num must divide both."""
+    if not isinstance(head_num, int) or head_num < 1:
+        raise ValueError(f"head_num must be a positive integer, got {head_num!r}")
+    if key_channels % head_num or value_channels % head_num:
+        common = math.gcd(key_channels, value_channels)
+        working = [n for n in range(1, common + 1) if common % n == 0]
+        raise ValueError(f"head_num={head_num} must divide both the {key_channels} key channels and the "
+                         f"{value_channels} value channels; head_num values that work here: {working}")
+
+
+class GAPHead(nn.Module):
+    """The standard head NOAH replaces: global average pooling, dropout, one linear layer."""
+
+    def __init__(self, in_channels, num_classes, dropout=0.0):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, num_classes)
+
+    def forward(self, x):
+        return self.fc(self.dropout(reduce(x, "b c h w -> b c", "mean")))
+
+
+def build_head(head, in_channels, num_classes=1000, **head_args):
+    """`head="noah"` (head_num, key_ratio, dropout) or `head="gap"` (dropout) on a C-channel map."""
+    heads = {"noah": NOAH, "gap": GAPHead}
+    if head not in heads:
+        raise ValueError(f"unknown head {head!r}; choose one of {sorted(heads)}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return heads[head](in_channels, num_classes, **head_args)
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. CNN backbones
+#
+# Layer names follow the original NOAH repository (and torchvision), so that their checkpoints
+# map onto these models key for key. Each backbone builds its head with `build_head` on its last
+# feature map; `forward_features` returns that map.
+# ------------------------------------------------------------------------------------------------
+
+ReLU = partial(nn.ReLU, inplace=True)
+ReLU6 = partial(nn.ReLU6, inplace=True)
+HardSwish = partial(nn.Hardswish, inplace=True)
+
+
+def conv_bn_act(in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=ReLU):
+    """Convolution (no bias, 'same' padding) -> BatchNorm -> activation; act=None for a linear one."""
+    layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(out_channels)]
+    return nn.Sequential(*layers, *([act()] if act else []))
+
+
+def init_cnn_weights(model):
+    """The original initialization of ResNet and the MobileNets (ShuffleNetV2 keeps PyTorch's)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+# --- ResNet (He et al., 2016) --------------------------------------------------------------------
+
+
+def projection_shortcut(in_channels, out_channels, stride):
+    """1x1 conv + BN where a residual block changes resolution or width, else None (identity)."""
+    if stride == 1 and in_channels == out_channels:
+        return None
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs and a shortcut (ResNet18/34)."""
+
+    expansion = 1
+
+    def __init__(self, in_channels, width, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.downsample = projection_shortcut(in_channels, width, stride)
+        self.relu = ReLU()
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + shortcut)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (carries the stride, as torchvision's 'ResNet v1.5'), 1x1 expand x4, shortcut."""
+
+    expansion = 4
+
+    def __init__(self, in_channels, width, stride=1):
+        super().__init__()
+        out_channels = width * self.expansion
+        self.conv1 = nn.Conv2d(in_channels, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_channels, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_channels)
+        self.downsample = projection_shortcut(in_channels, out_channels, stride)
+        self.relu = ReLU()
+
+    def forward(self, x):
+        shortcut = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + shortcut)
+
+
+class ResNet(nn.Module):
+    """ResNet: a 7x7 stem, then four stages of residual blocks at strides 4, 8, 16, 32.
+
+    (B, 3, H, W) -> forward_features -> (B, 512 * expansion, H/32, W/32) -> head -> (B, K)
+    """
+
+    def __init__(self, block, depths, head="noah", **head_args):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = 64
+        for i, (width, depth) in enumerate(zip((64, 128, 256, 512), depths)):
+            blocks = []
+            for j in range(depth):
+                blocks.append(block(channels, width, stride=2 if i > 0 and j == 0 else 1))
+                channels = width * block.expansion
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.num_features = channels
+        self.head = build_head(head, channels, **head_args)
+        init_cnn_weights(self)
+
+    def forward_features(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.layer1(x)  # (B, 64 * e, H/4, W/4)
+        x = self.layer2(x)  # (B, 128 * e, H/8, W/8)
+        x = self.layer3(x)  # (B, 256 * e, H/16, W/16)
+        return self.layer4(x)  # (B, 512 * e, H/32, W/32)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+# --- MobileNetV2 (Sandler et al., 2018) and MobileNetV3-Small (Howard et al., 2019) ----------------
+
+
+class InvertedResidual(nn.Module):
+    """The mobile block: expand (1x1), depthwise conv, project back (1x1, linear); a residual
+    connection when the block keeps the resolution and the width. `conv` holds the layers."""
+
+    def __init__(self, conv, residual):
+        super().__init__()
+        self.conv = conv
+        self.residual = residual
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+def make_divisible(value, divisor=8):
+    """Round a scaled width to the nearest multiple of `divisor`, losing at most 10% (the TF rule)."""
+    rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 at a width multiplier: inverted residuals with ReLU6, last 1x1 conv to 1280.
+
+    (B, 3, H, W) -> forward_features -> (B, 1280, H/32, W/32) -> head -> (B, K)
+    """
+
+    # expansion t, output channels c, blocks n, stride of the first block s
+    stages = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+
+    def __init__(self, width_mult=1.0, head="noah", **head_args):
+        super().__init__()
+        channels = make_divisible(32 * width_mult)
+        features = [conv_bn_act(3, channels, 3, 2, act=ReLU6)]
+        for t, c, n, s in self.stages:
+            out_channels = make_divisible(c * width_mult)
+            for i in range(n):
+                features.append(self.block(channels, out_channels, s if i == 0 else 1, t))
+                channels = out_channels
+        self.num_features = make_divisible(1280 * max(1.0, width_mult))
+        features.append(conv_bn_act(channels, self.num_features, act=ReLU6))
+        self.features = nn.Sequential(*features)
+        self.head = build_head(head, self.num_features, **head_args)
+        init_cnn_weights(self)
+
+    @staticmethod
+    def block(in_channels, out_channels, stride, expansion):
+        hidden = int(round(in_channels * expansion))
+        expand = [conv_bn_act(in_channels, hidden, act=ReLU6)] if expansion != 1 else []
+        conv = nn.Sequential(*expand,
+                             conv_bn_act(hidden, hidden, 3, stride, groups=hidden, act=ReLU6),  # depthwise
+                             *conv_bn_act(hidden, out_channels, act=None))  # linear projection
+        return InvertedResidual(conv, residual=stride == 1 and in_channels == out_channels)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+class SqueezeExcite(nn.Module):
+    """Channel attention: pool, squeeze to C/4, excite back to C, hard-sigmoid gate."""
+
+    def __init__(self, channels, reduction=4):
+        super().__init__()
+        self.fc = nn.Sequential(nn.Linear(channels, channels // reduction, bias=False), ReLU(),
+                                nn.Linear(channels // reduction, channels, bias=False), nn.Hardsigmoid())
+
+    def forward(self, x):
+        gate = self.fc(reduce(x, "b c h w -> b c", "mean"))  # (B, C)
+        return x * rearrange(gate, "b c -> b c 1 1")
+
+
+class MobileNetV3Small(nn.Module):
+    """MobileNetV3-Small as in the original NOAH repository.
+
+    Its tail, after the 576-channel 1x1 conv, is a 1x1 conv to 1280 channels with bias and
+    h-swish. With the NOAH head that conv runs at every position, so the POCAs see a 1280-channel
+    map; with the standard head the map is pooled first, as in the MobileNetV3 paper.
+
+    (B, 3, H, W) -> forward_features -> (B, 1280, H/32, W/32), or (B, 1280, 1, 1) -> head -> (B, K)
+    """
+
+    # kernel, expanded channels, output channels, squeeze-excite, activation, stride
+    blocks = [(3, 16, 16, True, ReLU, 2), (3, 72, 24, False, ReLU, 2), (3, 88, 24, False, ReLU, 1),
+              (5, 96, 40, True, HardSwish, 2), (5, 240, 40, True, HardSwish, 1), (5, 240, 40, True, HardSwish, 1),
+              (5, 120, 48, True, HardSwish, 1), (5, 144, 48, True, HardSwish, 1), (5, 288, 96, True, HardSwish, 2),
+              (5, 576, 96, True, HardSwish, 1), (5, 576, 96, True, HardSwish, 1)]
+
+    def __init__(self, head="noah", **head_args):
+        super().__init__()
+        features = [conv_bn_act(3, 16, 3, 2, act=HardSwish)]
+        channels = 16
+        for kernel, expanded, out_channels, se, act, stride in self.blocks:
+            conv = nn.Sequential(*conv_bn_act(channels, expanded, act=act),
+                                 *conv_bn_act(expanded, expanded, kernel, stride, groups=expanded, act=None),
+                                 SqueezeExcite(expanded) if se else nn.Identity(), act(),
+                                 *conv_bn_act(expanded, out_channels, act=None))
+            features.append(InvertedResidual(conv, residual=stride == 1 and channels == out_channels))
+            channels = out_channels
+        features.append(conv_bn_act(channels, 576, act=HardSwish))
+        if head != "noah":
+            features.append(nn.AdaptiveAvgPool2d(1))
+        features += [nn.Conv2d(576, 1280, 1), HardSwish()]
+        self.features = nn.Sequential(*features)
+        self.num_features = 1280
+        self.head = build_head(head, self.num_features, **head_args)
+        init_cnn_weights(self)
+
+    def forward_features(self, x):
+        return self.features(x)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+# --- ShuffleNetV2 (Ma et al., 2018) --------------------------------------------------------------
+
+
+class ShuffleBlock(nn.Module):
+    """Split the channels in two, convolve one half (or, when downsampling, both branches see the
+    whole input), concatenate, and shuffle the channels so the halves mix in the next block."""
+
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        half = out_channels // 2
+        self.stride = stride
+        if stride > 1:
+            self.branch1 = nn.Sequential(*conv_bn_act(in_channels, in_channels, 3, stride, groups=in_channels, act=None),
+                                         *conv_bn_act(in_channels, half))
+        self.branch2 = nn.Sequential(*conv_bn_act(in_channels if stride > 1 else half, half),
+                                     *conv_bn_act(half, half, 3, stride, groups=half, act=None),
+                                     *conv_bn_act(half, half))
+
+    def forward(self, x):
+        if self.stride == 1:
+            kept, x = x.chunk(2, dim=1)
+        else:
+            kept = self.branch1(x)
+        out = torch.cat((kept, self.branch2(x)), dim=1)
+        return rearrange(out, "b (g c) h w -> b (c g) h w", g=2)  # channel shuffle
+
+
+class ShuffleNetV2(nn.Module):
+    """ShuffleNetV2: a 3x3 stem and max-pool, three stages of shuffle blocks, a last 1x1 conv.
+
+    (B, 3, H, W) -> forward_features -> (B, 1024, H/32, W/32) -> head -> (B, K)
+    """
+
+    def __init__(self, depths=(4, 8, 4), widths=(24, 116, 232, 464, 1024), head="noah", **head_args):
+        super().__init__()
+        self.conv1 = conv_bn_act(3, widths[0], 3, 2)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        channels = widths[0]
+        for i, (depth, width) in enumerate(zip(depths, widths[1:-1])):
+            blocks = [ShuffleBlock(channels if j == 0 else width, width, 2 if j == 0 else 1) for j in range(depth)]
+            self.add_module(f"stage{i + 2}", nn.Sequential(*blocks))
+            channels = width
+        self.conv5 = conv_bn_act(channels, widths[-1])
+        self.num_features = widths[-1]
+        self.head = build_head(head, self.num_features, **head_args)
+
+    def forward_features(self, x):
+        x = self.maxpool(self.conv1(x))  # (B, 24, H/4, W/4)
+        x = self.stage2(x)  # (B, 116, H/8, W/8)
+        x = self.stage3(x)  # (B, 232, H/16, W/16)
+        x = self.stage4(x)  # (B, 464, H/32, W/32)
+        return self.conv5(x)  # (B, 1024, H/32, W/32)
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. The model zoo
+# ------------------------------------------------------------------------------------------------
+
+# name -> (builder, the NOAH head's defaults: heads N and key ratio r from the paper's tables,
+# dropout from the original training commands)
+MODELS = {
+    "resnet18": (partial(ResNet, BasicBlock, (2, 2, 2, 2)), dict(head_num=4, key_ratio=1 / 2, dropout=0.1)),
+    "resnet34": (partial(ResNet, BasicBlock, (3, 4, 6, 3)), dict(head_num=4, key_ratio=1 / 2, dropout=0.1)),
+    "resnet50": (partial(ResNet, Bottleneck, (3, 4, 6, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
+    "resnet101": (partial(ResNet, Bottleneck, (3, 4, 23, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
+    "resnet152": (partial(ResNet, Bottleneck, (3, 8, 36, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
+    "mobilenetv2_100": (partial(MobileNetV2, 1.0), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+    "mobilenetv2_075": (partial(MobileNetV2, 0.75), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+    "mobilenetv2_050": (partial(MobileNetV2, 0.5), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+    "mobilenetv2_035": (partial(MobileNetV2, 0.35), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+    "mobilenetv3_small": (MobileNetV3Small, dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+    "shufflenetv2_100": (ShuffleNetV2, dict(head_num=8, key_ratio=1 / 4, dropout=0.0)),
+}
+
+
+def list_models():
+    """The names `create_model` accepts."""
+    return list(MODELS)
+
+
+def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, **kwargs):
+    """Build a model by name, with the NOAH head (default) or the standard GAP + FC head.
+
+    head_num, key_ratio and dropout default to the paper's setting for that backbone. The standard
+    head ("gap") has no head_num or key_ratio; its dropout defaults to 0, as in the original
+    repository, whose baselines leave --dropout unused.
+
+    >>> model = create_model("resnet50")                 # NOAH, N=4, r=1/8: 25,564,032 parameters
+    >>> baseline = create_model("resnet50", head="gap")  # GAP + FC: 25,557,032 parameters
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    builder, noah_defaults = MODELS[name]
+    if head == "noah":
+        given = dict(head_num=head_num, key_ratio=key_ratio, dropout=dropout)
+        head_args = {key: noah_defaults[key] if value is None else value for key, value in given.items()}
+    elif head == "gap":
+        if head_num is not None or key_ratio is not None:
+            raise ValueError("head_num and key_ratio set the NOAH head; the 'gap' head has neither: "
+                             "leave them unset or use head='noah'")
+        head_args = dict(dropout=0.0 if dropout is None else dropout)
+    else:
+        raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
+    return builder(head=head, num_classes=num_classes, **head_args, **kwargs)
