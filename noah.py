@@ -8,10 +8,12 @@ look for itself where in the image it is. Read this file top to bottom:
 
   1. The heads: `NOAH` (the paper's idea) and `GAPHead` (the standard head it replaces).
   2. CNN backbones: ResNet, MobileNetV2, MobileNetV3-Small, ShuffleNetV2.
-  3. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
+  3. Token backbones: DeiT and PVT (vision transformers), MLP-Mixer and gMLP (MLPs).
+  4. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
 
 Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
 `head` that turns that map into logits: `model(x) == model.head(model.forward_features(x))`.
+Token backbones lay their patch tokens out as such a map, so one NOAH module serves them all.
 Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, K classes.
 """
 import math
@@ -152,6 +154,13 @@ ReLU6 = partial(nn.ReLU6, inplace=True)
 HardSwish = partial(nn.Hardswish, inplace=True)
 
 
+class Classifier(nn.Module):
+    """A backbone and its head. Subclasses set `self.head` and define `forward_features`."""
+
+    def forward(self, x):
+        return self.head(self.forward_features(x))
+
+
 def conv_bn_act(in_channels, out_channels, kernel_size=1, stride=1, groups=1, act=ReLU):
     """Convolution (no bias, 'same' padding) -> BatchNorm -> activation; act=None for a linear one."""
     layers = [nn.Conv2d(in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=False),
@@ -231,7 +240,7 @@ class Bottleneck(nn.Module):
         return self.relu(out + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Classifier):
     """ResNet: a 7x7 stem, then four stages of residual blocks at strides 4, 8, 16, 32.
 
     (B, 3, H, W) -> forward_features -> (B, 512 * expansion, H/32, W/32) -> head -> (B, K)
@@ -261,9 +270,6 @@ class ResNet(nn.Module):
         x = self.layer3(x)  # (B, 256 * e, H/16, W/16)
         return self.layer4(x)  # (B, 512 * e, H/32, W/32)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
 
 # --- MobileNetV2 (Sandler et al., 2018) and MobileNetV3-Small (Howard et al., 2019) ----------------
 
@@ -287,7 +293,7 @@ def make_divisible(value, divisor=8):
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
-class MobileNetV2(nn.Module):
+class MobileNetV2(Classifier):
     """MobileNetV2 at a width multiplier: inverted residuals with ReLU6, last 1x1 conv to 1280.
 
     (B, 3, H, W) -> forward_features -> (B, 1280, H/32, W/32) -> head -> (B, K)
@@ -323,9 +329,6 @@ class MobileNetV2(nn.Module):
     def forward_features(self, x):
         return self.features(x)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
 
 class SqueezeExcite(nn.Module):
     """Channel attention: pool, squeeze to C/4, excite back to C, hard-sigmoid gate."""
@@ -340,7 +343,7 @@ class SqueezeExcite(nn.Module):
         return x * rearrange(gate, "b c -> b c 1 1")
 
 
-class MobileNetV3Small(nn.Module):
+class MobileNetV3Small(Classifier):
     """MobileNetV3-Small as in the original NOAH repository.
 
     Its tail, after the 576-channel 1x1 conv, is a 1x1 conv to 1280 channels with bias and
@@ -379,9 +382,6 @@ class MobileNetV3Small(nn.Module):
     def forward_features(self, x):
         return self.features(x)
 
-    def forward(self, x):
-        return self.head(self.forward_features(x))
-
 
 # --- ShuffleNetV2 (Ma et al., 2018) --------------------------------------------------------------
 
@@ -410,7 +410,7 @@ class ShuffleBlock(nn.Module):
         return rearrange(out, "b (g c) h w -> b (c g) h w", g=2)  # channel shuffle
 
 
-class ShuffleNetV2(nn.Module):
+class ShuffleNetV2(Classifier):
     """ShuffleNetV2: a 3x3 stem and max-pool, three stages of shuffle blocks, a last 1x1 conv.
 
     (B, 3, H, W) -> forward_features -> (B, 1024, H/32, W/32) -> head -> (B, K)
@@ -436,29 +436,385 @@ class ShuffleNetV2(nn.Module):
         x = self.stage4(x)  # (B, 464, H/32, W/32)
         return self.conv5(x)  # (B, 1024, H/32, W/32)
 
+
+# ------------------------------------------------------------------------------------------------
+# 3. Token backbones: ViTs (DeiT, PVT) and MLPs (MLP-Mixer, gMLP)
+#
+# These work on a sequence of patch tokens (B, L, C). With the NOAH head, all patch tokens after
+# the final norm are laid out again as a feature map (B, C, H, W) and the very same NOAH module
+# reads it: there is no class token. With the standard head, DeiT and PVT classify their class
+# token (returned as a 1x1 map, so the head's pooling leaves it as it is) and Mixer and gMLP the
+# mean of their tokens. Layer names follow timm, as the original NOAH repository's do.
+# ------------------------------------------------------------------------------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, skip a residual branch for a random subset of the samples."""
+
+    def __init__(self, p=0.0):
+        super().__init__()
+        self.p = p
+
     def forward(self, x):
-        return self.head(self.forward_features(x))
+        if not self.training or self.p == 0:
+            return x
+        keep = x.new_empty(x.shape[0], *[1] * (x.ndim - 1)).bernoulli_(1 - self.p)
+        return x * keep / (1 - self.p)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into patches and embed each: (B, 3, H, W) -> tokens (B, h*w, C) and the grid (h, w)."""
+
+    def __init__(self, in_channels, dim, patch_size, norm=False):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(dim) if norm else nn.Identity()
+
+    def forward(self, x):
+        if min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(f"input of {tuple(x.shape[-2:])} pixels is smaller than one {self.patch_size}x"
+                             f"{self.patch_size} patch")
+        x = self.proj(x)
+        return self.norm(rearrange(x, "b c h w -> b (h w) c")), x.shape[-2:]
+
+
+def tokens_to_map(tokens, grid):
+    """(B, h*w, C) -> (B, C, h, w): patch tokens laid out as the feature map the head reads."""
+    return rearrange(tokens, "b (h w) c -> b c h w", h=grid[0])
+
+
+def resize_pos_embed(pos_embed, grid, new_grid):
+    """Position embeddings (1, h*w, C) learnt on one grid, interpolated to another (bilinear)."""
+    if tuple(grid) == tuple(new_grid):
+        return pos_embed
+    pos_embed = rearrange(pos_embed, "1 (h w) c -> 1 c h w", h=grid[0])
+    pos_embed = nn.functional.interpolate(pos_embed, size=tuple(new_grid), mode="bilinear", align_corners=False)
+    return rearrange(pos_embed, "1 c h w -> 1 (h w) c")
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> [gate] -> Linear, with dropout. A gate that halves the width makes gMLP's block."""
+
+    def __init__(self, dim, hidden, drop=0.0, gate=None):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(drop)
+        self.gate = gate if gate is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden // 2 if gate is not None else hidden, dim)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.gate(self.drop(self.act(self.fc1(x))))))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. With sr_ratio > 1 (PVT), keys and values come from a copy of the
+    tokens shrunk sr_ratio times per side by a strided conv: the spatial-reduction attention."""
+
+    def __init__(self, dim, heads, sr_ratio=1, drop=0.0):
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(drop)
+        self.sr_ratio = sr_ratio
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x, grid):
+        context = x  # (B, L, C)
+        if self.sr_ratio > 1:
+            context = self.sr(tokens_to_map(x, grid))
+            context = self.norm(rearrange(context, "b c h w -> b (h w) c"))  # (B, L / sr^2, C)
+        q = rearrange(self.q(x), "b l (n d) -> b n l d", n=self.heads)
+        k, v = rearrange(self.kv(context), "b l (two n d) -> two b n l d", two=2, n=self.heads)
+        out = nn.functional.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(d)) v
+        return self.proj_drop(self.proj(rearrange(out, "b n l d -> b l (n d)")))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
+    def __init__(self, dim, heads, mlp_ratio, sr_ratio=1, drop=0.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads, sr_ratio, drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x, grid):
+        x = x + self.drop_path(self.attn(self.norm1(x), grid))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def add_positions(tokens, pos_embed, learnt_grid, grid, cls_token=None):
+    """Patch tokens (B, L, C) plus their position embeddings (resized from the grid they were learnt
+    on), with the class token and its own embedding put in front when there is one: (B, [1 +] L, C)."""
+    if cls_token is None:
+        return tokens + resize_pos_embed(pos_embed, learnt_grid, grid)
+    tokens = torch.cat((cls_token.expand(tokens.shape[0], -1, -1), tokens), dim=1)
+    return tokens + torch.cat((pos_embed[:, :1], resize_pos_embed(pos_embed[:, 1:], learnt_grid, grid)), dim=1)
+
+
+def head_input(tokens, grid, class_token):
+    """What the head reads: the class token as a 1x1 map (B, C, 1, 1), or else every patch token laid
+    out as a feature map (B, C, h, w)."""
+    if class_token:
+        return rearrange(tokens[:, 0], "b c -> b c 1 1")
+    return tokens_to_map(tokens, grid)
+
+
+def init_vit_weights(model):
+    """DeiT's and PVT's initialization: truncated normal (std .02) for linear layers and embeddings."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for name, p in model.named_parameters():
+        if name.startswith(("pos_embed", "cls_token")):
+            nn.init.trunc_normal_(p, std=0.02)
+
+
+class VisionTransformer(Classifier):
+    """DeiT: the plain ViT. Patches of 16x16, a stack of transformer blocks at one resolution.
+
+    (B, 3, H, W) -> forward_features -> (B, C, H/16, W/16) with NOAH, the class token (B, C, 1, 1)
+    with the standard head -> head -> (B, K). Position embeddings are learnt for img_size and
+    interpolated for other input sizes.
+    """
+
+    def __init__(self, dim, depth, heads, patch_size=16, mlp_ratio=4, img_size=224, drop_rate=0.0,
+                 drop_path_rate=0.0, head="noah", **head_args):
+        super().__init__()
+        self.patch_embed = PatchEmbed(3, dim, patch_size)
+        self.grid = (img_size // patch_size, img_size // patch_size)
+        self.class_token = head != "noah"
+        if self.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + self.class_token, dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks are dropped more often
+        self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, drop=drop_rate, drop_path=p) for p in rates)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.num_features = dim
+        self.head = build_head(head, dim, **head_args)
+        init_vit_weights(self)
+
+    def forward_features(self, x):
+        x, grid = self.patch_embed(x)  # (B, L, C)
+        x = self.pos_drop(add_positions(x, self.pos_embed, self.grid, grid, getattr(self, "cls_token", None)))
+        for block in self.blocks:
+            x = block(x, grid)
+        return head_input(self.norm(x), grid, self.class_token)
+
+
+class PyramidVisionTransformer(Classifier):
+    """PVT: four stages at strides 4, 8, 16, 32 (a patch embedding before each), with
+    spatial-reduction attention so that the early, large stages stay affordable.
+
+    (B, 3, H, W) -> forward_features -> (B, C4, H/32, W/32) with NOAH, the class token (B, C4, 1, 1)
+    with the standard head -> head -> (B, K). Needs inputs of at least 32x32.
+    """
+
+    def __init__(self, dims, heads, mlp_ratios, depths, sr_ratios=(8, 4, 2, 1), img_size=224, drop_rate=0.0,
+                 drop_path_rate=0.0, head="noah", **head_args):
+        super().__init__()
+        self.class_token = head != "noah"
+        rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
+        self.grids, channels = [], 3
+        for i in range(4):
+            patch = 4 if i == 0 else 2
+            grid = img_size // 4 // 2 ** i
+            self.grids.append((grid, grid))
+            extra_token = self.class_token and i == 3  # the class token joins in the last stage
+            self.add_module(f"patch_embed{i + 1}", PatchEmbed(channels, dims[i], patch, norm=True))
+            self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid * grid + extra_token, dims[i])))
+            self.add_module(f"pos_drop{i + 1}", nn.Dropout(drop_rate))
+            self.add_module(f"block{i + 1}", nn.ModuleList(
+                TransformerBlock(dims[i], heads[i], mlp_ratios[i], sr_ratios[i], drop_rate, next(rates))
+                for _ in range(depths[i])))
+            channels = dims[i]
+        if self.class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, dims[3]))
+        self.norm = nn.LayerNorm(dims[3], eps=1e-6)
+        self.num_features = dims[3]
+        self.head = build_head(head, dims[3], **head_args)
+        init_vit_weights(self)
+
+    def forward_features(self, x):
+        if min(x.shape[-2:]) < 32:
+            raise ValueError(f"PVT needs inputs of at least 32x32 pixels, got {tuple(x.shape[-2:])}")
+        for i in range(4):
+            x, grid = getattr(self, f"patch_embed{i + 1}")(x)  # (B, L_i, C_i)
+            cls_token = getattr(self, "cls_token", None) if i == 3 else None  # joins in the last stage
+            x = add_positions(x, getattr(self, f"pos_embed{i + 1}"), self.grids[i], grid, cls_token)
+            x = getattr(self, f"pos_drop{i + 1}")(x)
+            for block in getattr(self, f"block{i + 1}"):
+                x = block(x, grid)
+            if i < 3:
+                x = tokens_to_map(x, grid)  # (B, C_i, h, w), the next stage's input
+        return head_input(self.norm(x), grid, self.class_token)
+
+
+class MixerBlock(nn.Module):
+    """MLP-Mixer block: an MLP across tokens (mixes positions), then an MLP across channels."""
+
+    def __init__(self, dim, num_tokens, drop=0.0, drop_path=0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_tokens = Mlp(num_tokens, int(dim * 0.5), drop=drop)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_channels = Mlp(dim, dim * 4, drop=drop)
+
+    def forward(self, x):
+        mixed = rearrange(self.mlp_tokens(rearrange(self.norm1(x), "b l c -> b c l")), "b c l -> b l c")
+        x = x + self.drop_path(mixed)
+        return x + self.drop_path(self.mlp_channels(self.norm2(x)))
+
+
+class SpatialGatingUnit(nn.Module):
+    """gMLP's gate: split the channels in two, mix the second half across tokens (one linear layer
+    over positions), and multiply the first half by it."""
+
+    def __init__(self, dim, num_tokens):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim // 2)
+        self.proj = nn.Linear(num_tokens, num_tokens)
+
+    def forward(self, x):
+        u, v = x.chunk(2, dim=-1)  # (B, L, C/2) each
+        v = einsum(self.norm(v), self.proj.weight, "b l c, m l -> b m c") + rearrange(self.proj.bias, "m -> m 1")
+        return u * v
+
+
+class GatedBlock(nn.Module):
+    """gMLP block: x + channel MLP (6x wide) whose middle is gated by a spatial gating unit."""
+
+    def __init__(self, dim, num_tokens, drop=0.0, drop_path=0.0):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp_channels = Mlp(dim, dim * 6, drop=drop, gate=SpatialGatingUnit(dim * 6, num_tokens))
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        return x + self.drop_path(self.mlp_channels(self.norm(x)))
+
+
+def init_mixer_weights(model):
+    """The MLP models' initialization in timm, as the original used it: Xavier-uniform linear layers,
+    LeCun-normal convolutions (and the NOAH projections), zero GAP + FC head, a near-identity gate."""
+    def lecun_normal_(weight, fan_in):
+        std = math.sqrt(1.0 / fan_in) / 0.87962566103423978  # a normal truncated at 2 std has std 0.88
+        nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if name.startswith("head"):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+                if "mlp" in name:  # MLP biases start as tiny noise
+                    nn.init.normal_(m.bias, std=1e-6)
+        elif isinstance(m, nn.Conv2d):
+            lecun_normal_(m.weight, m.weight[0].numel())
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, HeadwiseLinear):
+            lecun_normal_(m.weight, m.weight.shape[-1])
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    for m in model.modules():  # after the loop above, which would overwrite it: gates start near 1
+        if isinstance(m, SpatialGatingUnit):
+            nn.init.normal_(m.proj.weight, std=1e-6)
+            nn.init.ones_(m.proj.bias)
+
+
+class MlpMixer(Classifier):
+    """MLP-Mixer and gMLP: 16x16 patches, then blocks of MLPs only (`block` picks the kind).
+
+    Their token-mixing layers have one weight per position, so a model is built for one input size
+    (img_size) and reads only that size. (B, 3, S, S) -> forward_features -> (B, C, S/16, S/16) -> head.
+    """
+
+    def __init__(self, dim, depth, block=MixerBlock, patch_size=16, img_size=224, drop_rate=0.0,
+                 drop_path_rate=0.0, head="noah", **head_args):
+        super().__init__()
+        self.img_size = img_size
+        self.stem = PatchEmbed(3, dim, patch_size)
+        num_tokens = (img_size // patch_size) ** 2
+        # the original's MLP models drop every block with the same probability
+        self.blocks = nn.Sequential(*[block(dim, num_tokens, drop_rate, drop_path_rate) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.num_features = dim
+        self.head = build_head(head, dim, **head_args)
+        init_mixer_weights(self)
+
+    def forward_features(self, x):
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise ValueError(f"this model was built for {self.img_size}x{self.img_size} inputs, got "
+                             f"{tuple(x.shape[-2:])}; its token-mixing layers fix the number of patches, so "
+                             f"create it for your size: create_model(name, img_size={x.shape[-1]})")
+        x, grid = self.stem(x)
+        return tokens_to_map(self.norm(self.blocks(x)), grid)
 
 
 # ------------------------------------------------------------------------------------------------
-# 3. The model zoo
+# 4. The model zoo
 # ------------------------------------------------------------------------------------------------
 
 # name -> (builder, the NOAH head's defaults: heads N and key ratio r from the paper's tables,
-# dropout from the original training commands)
-MODELS = {
-    "resnet18": (partial(ResNet, BasicBlock, (2, 2, 2, 2)), dict(head_num=4, key_ratio=1 / 2, dropout=0.1)),
-    "resnet34": (partial(ResNet, BasicBlock, (3, 4, 6, 3)), dict(head_num=4, key_ratio=1 / 2, dropout=0.1)),
-    "resnet50": (partial(ResNet, Bottleneck, (3, 4, 6, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
-    "resnet101": (partial(ResNet, Bottleneck, (3, 4, 23, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
-    "resnet152": (partial(ResNet, Bottleneck, (3, 8, 36, 3)), dict(head_num=4, key_ratio=1 / 8, dropout=0.1)),
-    "mobilenetv2_100": (partial(MobileNetV2, 1.0), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
-    "mobilenetv2_075": (partial(MobileNetV2, 0.75), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
-    "mobilenetv2_050": (partial(MobileNetV2, 0.5), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
-    "mobilenetv2_035": (partial(MobileNetV2, 0.35), dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
-    "mobilenetv3_small": (MobileNetV3Small, dict(head_num=8, key_ratio=1 / 4, dropout=0.2)),
+# dropout from the original training commands and code)
+CNN_R2 = dict(head_num=4, key_ratio=1 / 2, dropout=0.1)  # ResNet18/34
+CNN_R8 = dict(head_num=4, key_ratio=1 / 8, dropout=0.1)  # ResNet50/101/152
+MOBILE = dict(head_num=8, key_ratio=1 / 4, dropout=0.2)  # MobileNetV2, MobileNetV3-Small
+TOKENS = dict(head_num=4, key_ratio=1 / 2, dropout=0.1)  # every ViT and MLP backbone
+
+CNN_MODELS = {
+    "resnet18": (partial(ResNet, BasicBlock, (2, 2, 2, 2)), CNN_R2),
+    "resnet34": (partial(ResNet, BasicBlock, (3, 4, 6, 3)), CNN_R2),
+    "resnet50": (partial(ResNet, Bottleneck, (3, 4, 6, 3)), CNN_R8),
+    "resnet101": (partial(ResNet, Bottleneck, (3, 4, 23, 3)), CNN_R8),
+    "resnet152": (partial(ResNet, Bottleneck, (3, 8, 36, 3)), CNN_R8),
+    "mobilenetv2_100": (partial(MobileNetV2, 1.0), MOBILE),
+    "mobilenetv2_075": (partial(MobileNetV2, 0.75), MOBILE),
+    "mobilenetv2_050": (partial(MobileNetV2, 0.5), MOBILE),
+    "mobilenetv2_035": (partial(MobileNetV2, 0.35), MOBILE),
+    "mobilenetv3_small": (MobileNetV3Small, MOBILE),
     "shufflenetv2_100": (ShuffleNetV2, dict(head_num=8, key_ratio=1 / 4, dropout=0.0)),
 }
+
+PVT_TINY = dict(heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2))
+TOKEN_MODELS = {
+    "deit_tiny_patch16_224": (partial(VisionTransformer, dim=192, depth=12, heads=3), TOKENS),
+    "deit_small_patch16_224": (partial(VisionTransformer, dim=384, depth=12, heads=6), TOKENS),
+    "deit_base_patch16_224": (partial(VisionTransformer, dim=768, depth=12, heads=12), TOKENS),
+    "deit_tiny_075_patch16_224": (partial(VisionTransformer, dim=144, depth=12, heads=3), TOKENS),
+    "deit_tiny_050_patch16_224": (partial(VisionTransformer, dim=96, depth=12, heads=3), TOKENS),
+    "pvt_tiny": (partial(PyramidVisionTransformer, dims=(64, 128, 320, 512), **PVT_TINY), TOKENS),
+    "pvt_tiny_075": (partial(PyramidVisionTransformer, dims=(48, 96, 240, 384), **PVT_TINY), TOKENS),
+    "pvt_tiny_050": (partial(PyramidVisionTransformer, dims=(32, 64, 160, 256), **PVT_TINY), TOKENS),
+    "mixer_s16_224": (partial(MlpMixer, dim=512, depth=8), TOKENS),
+    "mixer_b16_224": (partial(MlpMixer, dim=768, depth=12), TOKENS),
+    "mixer_s16_075_224": (partial(MlpMixer, dim=384, depth=8), TOKENS),
+    "mixer_s16_050_224": (partial(MlpMixer, dim=256, depth=8), TOKENS),
+    "gmlp_ti16_224": (partial(MlpMixer, dim=128, depth=30, block=GatedBlock), TOKENS),
+    "gmlp_s16_224": (partial(MlpMixer, dim=256, depth=30, block=GatedBlock), TOKENS),
+    "gmlp_ti16_075_224": (partial(MlpMixer, dim=96, depth=30, block=GatedBlock), TOKENS),
+    "gmlp_ti16_050_224": (partial(MlpMixer, dim=64, depth=30, block=GatedBlock), TOKENS),
+}
+
+MODELS = {**CNN_MODELS, **TOKEN_MODELS}
 
 
 def list_models():
@@ -466,12 +822,18 @@ def list_models():
     return list(MODELS)
 
 
-def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, **kwargs):
-    """Build a model by name, with the NOAH head (default) or the standard GAP + FC head.
+def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, img_size=None,
+                 **kwargs):
+    """Build a model by name, with the NOAH head (default) or the standard head.
 
     head_num, key_ratio and dropout default to the paper's setting for that backbone. The standard
     head ("gap") has no head_num or key_ratio; its dropout defaults to 0, as in the original
     repository, whose baselines leave --dropout unused.
+
+    img_size (default 224) is the input size a token backbone is built for: its position embeddings
+    are learnt on that grid (DeiT and PVT interpolate them for other sizes), and the token-mixing
+    layers of Mixer and gMLP exist only for it. CNNs take any size and need none. Token backbones
+    also take drop_path_rate (stochastic depth) and drop_rate (dropout inside the blocks).
 
     >>> model = create_model("resnet50")                 # NOAH, N=4, r=1/8: 25,564,032 parameters
     >>> baseline = create_model("resnet50", head="gap")  # GAP + FC: 25,557,032 parameters
@@ -489,4 +851,6 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
         head_args = dict(dropout=0.0 if dropout is None else dropout)
     else:
         raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
+    if img_size is not None and name in TOKEN_MODELS:
+        kwargs["img_size"] = img_size
     return builder(head=head, num_classes=num_classes, **head_args, **kwargs)

@@ -1,6 +1,5 @@
 """The NOAH head and the CNN backbones: parameter counts, shapes, the formula, gradients, errors."""
 import math
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -8,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import noah
+from helpers import build as model, count
 
 # The original models' parameter counts (num_classes=1000, the paper's N and r): GAP + FC, NOAH.
 # ResNet34 is not in the paper's tables; its baseline is torchvision's published count.
@@ -25,16 +25,6 @@ PARAMETER_COUNTS = {
     "shufflenetv2_100": (2_278_604, 2_293_604),
 }
 CNNS = list(PARAMETER_COUNTS)
-
-
-@lru_cache(maxsize=None)
-def model(name, head="noah", num_classes=1000):
-    torch.manual_seed(0)
-    return noah.create_model(name, head=head, num_classes=num_classes)
-
-
-def count(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def test_every_cnn_is_listed():
