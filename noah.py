@@ -854,3 +854,45 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
     if img_size is not None and name in TOKEN_MODELS:
         kwargs["img_size"] = img_size
     return builder(head=head, num_classes=num_classes, **head_args, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+
+
+def load_checkpoint(model, source, strict=True):
+    """Load weights into `model` from a checkpoint: a file path or an already loaded dict.
+
+    Accepted: this project's checkpoints and the original repository's (dicts with 'state_dict'),
+    timm/DeiT-style dicts with 'model', and bare state dicts; keys may carry the 'module.' prefix of
+    (Distributed)DataParallel or torch.compile's '_orig_mod.'. Files are read with
+    `weights_only=True`, so a checkpoint from the internet cannot run code. With strict=True, any
+    missing, unexpected or differently shaped key is an error that names them.
+    """
+    if not isinstance(source, dict):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    state = source.get("state_dict", source.get("model", source))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("this is not a checkpoint: found no state dict of tensors in it")
+    state = {strip_prefixes(key): value for key, value in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                if k in state and state[k].shape != v.shape]
+    if reshaped or (strict and (missing or unexpected)):
+        problems = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
+                    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shapes differ, file vs model", reshaped)) if keys]
+        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems))
+    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
+    return model
+
+
+def strip_prefixes(key):
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key

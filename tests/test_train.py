@@ -1,0 +1,350 @@
+"""train.py on the CPU: one process and torchrun, exact resumption, evaluation, presets, bad input."""
+import json
+import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+import train
+
+ROOT = Path(__file__).parent.parent
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """A tiny ImageFolder dataset: 3 classes, 8 training and 4 validation images each, 40x40 JPEGs."""
+    root = tmp_path_factory.mktemp("images")
+    g = torch.Generator().manual_seed(0)
+    for split, count in (("train", 8), ("val", 4)):
+        for c, name in enumerate(["apple", "pear", "plum"]):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(40, 40, 3, generator=g) * 80 + 80 * c).byte().numpy()
+                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
+    return root
+
+
+def run(args, nproc=1, check=True):
+    """Run train.py as a user would, in its own process (under torchrun when nproc > 1)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(a) for a in args], capture_output=True,
+                          text=True, env=env, timeout=600)
+    if check:
+        assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def small_run(data, checkpoint, *extra):
+    return ["--data", data, "--arch", "resnet18", "--use_noah", "--epochs", 1, "--train-batch", 8, "--test-batch", 8,
+            "--img-size", 32, "--workers", 0, "--lr", 0.01, "--manualSeed", 1, "--checkpoint", checkpoint, *extra]
+
+
+def read_log(folder):
+    return [json.loads(line) for line in open(Path(folder) / "log.jsonl")]
+
+
+def weights(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(image_folder, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    run(small_run(image_folder, folder))
+    return folder
+
+
+def test_one_epoch_on_an_image_folder(one_epoch):
+    assert sorted(os.listdir(one_epoch)) == ["checkpoint.pth.tar", "curves.png", "log.jsonl", "model_best.pth.tar"]
+    state = torch.load(one_epoch / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+    assert {"epoch", "state_dict", "best_acc", "optimizer", "scaler", "args", "config"} <= set(state)
+    assert state["epoch"] == 1 and state["config"]["arch"] == "resnet18" and state["config"]["use_noah"]
+    (record,) = read_log(one_epoch)
+    assert record["epoch"] == 1 and 0 <= record["val_top1"] <= 100 and record["train_loss"] > 0
+    assert (one_epoch / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_torchrun_with_two_processes_on_cpu_writes_one_checkpoint(image_folder, tmp_path):
+    done = run(small_run(image_folder, tmp_path), nproc=2)
+    assert "2 process(es) on cpu" in done.stdout
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint.pth.tar", "curves.png", "log.jsonl", "model_best.pth.tar"]
+    assert len(read_log(tmp_path)) == 1
+
+
+def test_resume_continues_exactly(image_folder, tmp_path):
+    """Two epochs straight, and one epoch + resume + one epoch, give the same weights; with persistent
+    data-loading workers, which keep their own random state across epochs."""
+    common = ["--workers", 2, "--dropout", 0.3]  # dropout and augmentation both draw random numbers
+    run(small_run(image_folder, tmp_path / "straight", *common, "--epochs", 2))
+    run(small_run(image_folder, tmp_path / "resumed", *common))
+    run(small_run(image_folder, tmp_path / "elsewhere", *common, "--epochs", 2,
+                  "--resume", tmp_path / "resumed" / "checkpoint.pth.tar"))  # the original writes beside --resume
+    straight, resumed = weights(tmp_path / "straight" / "checkpoint.pth.tar"), weights(tmp_path / "resumed" / "checkpoint.pth.tar")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    log_straight, log_resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
+    assert [r["val_loss"] for r in log_straight] == [r["val_loss"] for r in log_resumed]
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_the_vit_and_mlp_recipe_options_train_together(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path, "--arch", "deit_tiny_patch16_224", "--opt", "adamw", "--lr", 1e-3,
+                  "--warmup-epochs", 1, "--epochs", 2, "--mixup", 0.8, "--cutmix", 1.0, "--smoothing", 0.1,
+                  "--randaug", 9, "--reprob", 0.25, "--model-ema", "--ema-decay", 0.9, "--repeated-aug", 3,
+                  "--clip-grad", 1.0, "--drop-path", 0.1, "--nowd-bn"))
+    log = read_log(tmp_path)
+    assert [r["lr"] for r in log] == [1e-6, pytest.approx(1e-3 * (1 + math.cos(math.pi / 2)) / 2)]
+    assert all(r["train_top1"] is None and 0 <= r["ema_val_top1"] <= 100 for r in log)  # mixed targets: no train top-1
+    assert "ema" in torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+
+
+def test_speed_options_on_cpu(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path, "--channels-last", "--use_amp", "--amp-dtype", "bfloat16"))
+    assert read_log(tmp_path)[0]["train_loss"] > 0
+
+
+def evaluated_top1(output):
+    return float(re.search(r"top-1 ([\d.]+)% top-5 ([\d.]+)% on (\d+) images", output).group(1))
+
+
+def test_evaluate_reproduces_the_logged_accuracy_with_one_and_two_processes(image_folder, one_epoch):
+    logged = read_log(one_epoch)[0]["val_top1"]
+    args = small_run(image_folder, one_epoch, "--evaluate", "--resume", one_epoch / "checkpoint.pth.tar")
+    single, double = run(args), run(args, nproc=2)
+    assert evaluated_top1(single.stdout) == pytest.approx(logged, abs=0.005)
+    assert evaluated_top1(double.stdout) == evaluated_top1(single.stdout)
+    assert "on 12 images" in double.stdout  # each of the 12 validation images once, none padded in
+
+
+def test_validation_counts_every_image_once_whatever_the_processes(image_folder):
+    args = train.parse_args(["--data", str(image_folder), "--workers", "0", "--manualSeed", "0"])
+    _, val_set, _ = train.build_datasets(args)
+    for world in (1, 2, 3, 5):
+        shares = [train.build_loaders(args, val_set, val_set, world, rank, False)[1].dataset.indices for rank in range(world)]
+        assert sorted(i for share in shares for i in share) == list(range(len(val_set)))
+
+
+ORIGINAL_COMMANDS = {  # the original README's commands, launcher replaced
+    "noah_resnet18": "--arch resnet18 --epochs 100 --lr 0.1 --wd 1e-4 --lr-decay schedule --schedule 30 60 90 "
+                     "--use_noah --head_num 4 --key_ratio 0.5 --dropout 0.1 --data D --checkpoint ./checkpoints/noah_resnet18",
+    "resnet18": "--arch resnet18 --epochs 100 --lr 0.1 --wd 1e-4 --lr-decay schedule --schedule 30 60 90 --dropout 0.1 "
+                "--data D --checkpoint ./checkpoints/resnet18",
+    "noah_mobilenetv2_100": "--arch mobilenetv2_100 --epochs 150 --lr 0.05 --wd 4e-5 --lr-decay cos --use_noah "
+                            "--head_num 8 --key_ratio 0.25 --dropout 0.2 --data D --checkpoint ./checkpoints/noah_mobilenetv2_100",
+    "noah_mobilenetv3_small": "--arch mobilenetv3_small --epochs 150 --lr 0.05 --wd 4e-5 --lr-decay cos --use_noah "
+                              "--head_num 8 --key_ratio 0.25 --dropout 0.2 --nowd-bn --data D "
+                              "--checkpoint ./checkpoints/noah_mobilenetv3_small",
+    "noah_shufflenetv2_100": "--arch shufflenetv2_100 --epochs 240 --lr 0.5 --wd 4e-5 --train-batch 1024 --lr-decay linear "
+                             "--use_noah --head_num 8 --key_ratio 0.25 --dropout 0 --nowd-bn --data D "
+                             "--checkpoint ./checkpoints/noah_shufflenetv2_100",
+}
+
+
+@pytest.mark.parametrize("preset", ORIGINAL_COMMANDS)
+def test_presets_expand_to_the_original_commands(preset):
+    original = vars(train.parse_args(shlex.split(ORIGINAL_COMMANDS[preset])))
+    expanded = vars(train.parse_args(["--preset", preset, "--data", "D"]))
+    differing = {k: (original[k], expanded[k]) for k in original if original[k] != expanded[k]}
+    assert differing == {"preset": (None, preset)}
+
+
+def test_presets_cover_every_width_and_depth_with_their_family_recipe():
+    resnet50 = train.parse_args(["--preset", "noah_resnet50", "--data", "D"])
+    assert (resnet50.head_num, resnet50.key_ratio, resnet50.epochs, resnet50.schedule) == (4, 1 / 8, 100, [30, 60, 90])
+    mobilenet = train.parse_args(["--preset", "mobilenetv2_035", "--data", "D"])
+    assert (mobilenet.use_noah, mobilenet.lr, mobilenet.lr_decay, mobilenet.epochs) == (False, 0.05, "cos", 150)
+    deit = train.parse_args(["--preset", "noah_deit_tiny_patch16_224", "--data", "D"])
+    assert (deit.opt, deit.lr, deit.wd, deit.warmup_epochs, deit.smoothing, deit.mixup, deit.cutmix, deit.drop_path,
+            deit.model_ema, deit.repeated_aug, deit.head_num, deit.key_ratio) == (
+        "adamw", 5e-4 * 1024 / 512, 0.05, 5, 0.1, 0.8, 1.0, 0.1, True, 3, 4, 0.5)
+    assert not train.parse_args(["--preset", "pvt_tiny", "--data", "D"]).model_ema
+    gmlp = train.parse_args(["--preset", "noah_gmlp_ti16_224", "--data", "D"])
+    assert (gmlp.lr, gmlp.wd, gmlp.warmup_epochs, gmlp.clip_grad, gmlp.mixup, gmlp.ema_decay, gmlp.drop) == (
+        7e-4, 0.067, 20, 1.0, 0.5, 0.99992, 0.02333)
+    assert set(train.PRESETS) >= {f"noah_{name}" for name in train.noah.list_models()} | set(train.noah.list_models())
+
+
+def test_flags_on_the_command_line_win_over_the_preset():
+    args = train.parse_args(["--preset", "noah_resnet18", "--data", "D", "--epochs", "3", "--no-use_noah"])
+    assert (args.epochs, args.use_noah, args.lr) == (3, False, 0.1)
+
+
+def test_no_arguments_is_the_quick_run_and_data_alone_is_the_original_default():
+    quick = train.parse_args([])
+    assert (quick.preset, quick.dataset, quick.arch, quick.use_noah, quick.img_size) == ("quick", "shapes", "resnet18", True, 64)
+    original = train.parse_args(["--data", "D"])
+    assert (original.preset, original.dataset, original.use_noah, original.img_size) == (None, "imagenet", False, 224)
+
+
+def test_learning_rate_follows_the_original_schedules():
+    args = SimpleNamespace(lr=0.1, epochs=100, gamma=0.1, schedule=[30, 60, 90], warmup_epochs=0, warmup_lr=0, min_lr=0,
+                           lr_decay="schedule")
+    assert [train.lr_at(args, e) for e in (0, 29, 30, 59, 60, 90, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-4])
+    args.lr_decay = "cos"
+    assert [train.lr_at(args, e) for e in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
+    args.lr_decay = "linear"
+    assert [train.lr_at(args, e) for e in (0, 25, 99)] == pytest.approx([0.1, 0.075, 0.001])
+    args.warmup_epochs, args.warmup_lr, args.min_lr, args.lr_decay = 5, 1e-6, 1e-5, "cos"
+    assert train.lr_at(args, 0) == 1e-6 and train.lr_at(args, 4) == pytest.approx(1e-6 + 4 * (0.1 - 1e-6) / 5)
+    assert train.lr_at(args, 5) == pytest.approx(1e-5 + (0.1 - 1e-5) * (1 + math.cos(math.pi * 5 / 100)) / 2)
+
+
+def test_nowd_bn_decays_only_convolution_and_linear_weights():
+    model = train.noah.create_model("resnet18", num_classes=10)
+    decay, no_decay = train.param_groups(model, 1e-4, nowd_bn=True)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
+                                                        if "conv" in n or "downsample.0" in n or n.endswith("query.weight")
+                                                        or n.endswith("value.weight")}
+    assert no_decay["weight_decay"] == 0 and all(p.ndim <= 2 for p in no_decay["params"])
+
+
+def test_shapes_are_deterministic_and_boxes_hold_the_object():
+    shapes = train.Shapes(60, 64, seed=3)
+    for i in range(60):
+        image, label, box = shapes.sample(i)
+        again, _, _ = shapes.sample(i)
+        assert torch.equal(image, again) and label == i % 6
+        x0, y0, x1, y1 = box.tolist()
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+    assert not torch.equal(train.Shapes(1, 64, seed=4).sample(0)[0], shapes.sample(0)[0])
+
+
+def test_repeated_augmentation_gives_each_process_its_share():
+    dataset = list(range(96))
+    samplers = [train.RepeatedAugSampler(dataset, 4, rank, 3, seed=0) for rank in range(4)]
+    drawn = [list(s) for s in samplers]
+    assert [len(d) for d in drawn] == [24] * 4
+    everything = [i for d in drawn for i in d]
+    assert max(everything.count(i) for i in set(everything)) == 3  # an image is used up to 3 times, on different processes
+
+
+def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(image_folder):
+    args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5", "--train-batch", "6"])
+    train_set, val_set, _ = train.build_datasets(args)
+    batches = {}
+    for workers in (0, 2):
+        args.workers = workers
+        loader, _ = train.build_loaders(args, train_set, val_set, 1, 0, False)
+        loader.sampler.set_epoch(1)
+        batches[workers] = torch.cat([images for images, _ in loader])
+    assert torch.equal(batches[0], batches[2])
+
+
+# --- bad input: one clear line, a non-zero exit, no traceback, no file lost ---------------------------------------
+
+
+def fails_cleanly(done, message):
+    """A non-zero exit with the message; without torchrun around it (which reports its child's failure in
+    its own words), no traceback either."""
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    if "torch.distributed.run" not in done.args:
+        assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_missing_data_folder(tmp_path):
+    done = run(small_run(tmp_path / "nowhere", tmp_path / "ck"), check=False)
+    fails_cleanly(done, f"error: no folder {tmp_path / 'nowhere' / 'train'}")
+
+
+def test_data_folder_without_class_folders(tmp_path):
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    done = run(small_run(tmp_path / "data", tmp_path / "ck"), check=False)
+    fails_cleanly(done, "is not laid out as one sub-folder of images per class")
+
+
+def test_imagenette_loads_from_its_extracted_archive_without_downloading(tmp_path):
+    from torchvision import datasets
+
+    for split in ("train", "val"):
+        for wnid in datasets.Imagenette._WNID_TO_CLASS:
+            folder = tmp_path / "imagenette2-320" / split / wnid
+            folder.mkdir(parents=True)
+            Image.new("RGB", (48, 40), (10, 200, 30)).save(folder / "a.JPEG")
+    args = train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", "32"])
+    train_set, val_set, classes = train.build_datasets(args)
+    assert (len(train_set), len(val_set), classes) == (10, 10, 10)
+    assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
+
+
+def test_cifar_loads_from_its_extracted_archive(monkeypatch, tmp_path):
+    import pickle
+
+    from torchvision import datasets
+
+    monkeypatch.setattr(datasets.cifar, "check_integrity", lambda *args: True)  # our files have other checksums
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"data": torch.randint(0, 256, (4, 3072), dtype=torch.uint8).numpy(), "labels": [0, 1, 2, 9]}
+        pickle.dump(batch, open(folder / name, "wb"))
+    pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, open(folder / "batches.meta", "wb"))
+    args = train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)])
+    train_set, val_set, classes = train.build_datasets(args)
+    assert (len(train_set), len(val_set), classes, args.img_size) == (20, 4, 10, 32)
+    assert train_set[0][0].shape == (3, 32, 32)
+
+
+def test_failed_download_says_where_to_put_the_files(monkeypatch, tmp_path):
+    from torchvision import datasets
+
+    def offline(*args, download=False, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(datasets, "CIFAR10", type("CIFAR10", (), {"url": datasets.CIFAR10.url, "base_folder":
+                                                                   "cifar-10-batches-py", "__new__": offline}))
+    args = train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)])
+    with pytest.raises(train.UserError) as error:
+        train.build_datasets(args)
+    assert "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in str(error.value)
+    assert f"extract it into {tmp_path}, so that {tmp_path}/cifar-10-batches-py exists" in str(error.value)
+
+
+def test_checkpoint_of_another_model(image_folder, one_epoch, tmp_path):
+    done = run(small_run(image_folder, tmp_path, "--arch", "mobilenetv2_035", "--resume",
+                         one_epoch / "checkpoint.pth.tar", "--evaluate"), check=False)
+    fails_cleanly(done, "holds resnet18 with NOAH (N=4, r=0.5), but this run builds mobilenetv2_035 with NOAH")
+    bare = tmp_path / "bare.pth"
+    torch.save(weights(one_epoch / "checkpoint.pth.tar"), bare)  # a bare state dict says nothing of its model
+    done = run(small_run(image_folder, tmp_path, "--no-use_noah", "--resume", bare, "--evaluate"), check=False)
+    fails_cleanly(done, "does not fit resnet18 with the standard head: checkpoint does not fit the model: "
+                        "missing keys (2): head.fc.weight, head.fc.bias; unexpected keys (4): head.query.weight")
+
+
+def test_unreadable_checkpoint(image_folder, one_epoch, tmp_path):
+    truncated = tmp_path / "truncated.pth.tar"
+    truncated.write_bytes((one_epoch / "checkpoint.pth.tar").read_bytes()[:5000])
+    done = run(small_run(image_folder, tmp_path, "--resume", truncated, "--evaluate"), check=False)
+    fails_cleanly(done, f"cannot read {truncated} as a checkpoint")
+
+
+def test_global_batch_that_does_not_split_over_the_processes(image_folder, tmp_path):
+    done = run(small_run(image_folder, tmp_path, "--train-batch", 7), nproc=2, check=False)
+    fails_cleanly(done, "error: --train-batch 7 is the global batch and must split evenly over 2 processes")
+    assert not tmp_path.exists() or not os.listdir(tmp_path)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path))
+    good = weights(tmp_path / "checkpoint.pth.tar")
+    done = run(small_run(image_folder, tmp_path, "--epochs", 3, "--lr", 1e38, "--resume", tmp_path / "checkpoint.pth.tar"),
+               check=False)
+    fails_cleanly(done, "at epoch 2, step")
+    assert f"the last good checkpoint, {tmp_path / 'checkpoint.pth.tar'}, is kept" in done.stderr
+    kept = weights(tmp_path / "checkpoint.pth.tar")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+    assert len(read_log(tmp_path)) == 1
+
+
+def test_evaluate_without_a_checkpoint(image_folder, tmp_path):
+    fails_cleanly(run(small_run(image_folder, tmp_path, "--evaluate"), check=False), "--evaluate needs --resume PATH")

@@ -1,0 +1,686 @@
+"""Train and evaluate the models of noah.py: one process, or many under torchrun.
+
+    python train.py                                          # quick run: NOAH ResNet18 on synthetic shapes, CPU ok
+    python train.py --dataset imagenette --data ./data --arch resnet18 --use_noah --epochs 20
+    torchrun --nproc_per_node=8 train.py --preset noah_resnet18 --data ./datasets/ILSVRC2012
+    torchrun --nproc_per_node=8 train.py --arch resnet18 --data ./datasets/ILSVRC2012 --use_noah \\
+        --head_num 4 --key_ratio 0.5 --evaluate --resume ./checkpoints/noah_resnet18/model_best.pth.tar
+
+The flags are the original repository's (--arch --epochs --lr --wd --lr-decay --schedule --use_noah
+--head_num --key_ratio --dropout --nowd-bn --train-batch --data --checkpoint --resume --evaluate ...), so its
+commands run unchanged with `torchrun ... train.py` in place of `python -m torch.distributed.launch ...
+main.py`. `--preset NAME` fills in a published recipe; flags given on the command line win over it.
+Under torchrun the script trains with DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); --train-batch
+is the global batch, split evenly over the processes.
+
+A resumed run continues exactly: randomness is reseeded at every epoch from (--manualSeed, epoch, rank),
+the learning rate is a function of the epoch, and the checkpoint holds the weights, the optimizer, the
+grad scaler, the EMA weights and the arguments.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from tqdm import tqdm
+
+import noah
+
+
+class UserError(Exception):
+    """A problem with the command line, the data or a file: reported in one line, without a traceback."""
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Command line and recipes
+# ------------------------------------------------------------------------------------------------
+
+# The original repository's recipes (its README's commands), for every width and depth of its tables.
+RESNET = dict(epochs=100, lr=0.1, wd=1e-4, lr_decay="schedule", schedule=[30, 60, 90], dropout=0.1)
+MOBILENETV2 = dict(epochs=150, lr=0.05, wd=4e-5, lr_decay="cos", dropout=0.2)
+MOBILENETV3 = dict(MOBILENETV2, nowd_bn=True)
+SHUFFLENETV2 = dict(epochs=240, lr=0.5, wd=4e-5, train_batch=1024, lr_decay="linear", dropout=0.0, nowd_bn=True)
+# DeiT's recipe (PVT's is the same without EMA): lr 5e-4 per 512 images, here for 8 GPUs x 128 = 1024.
+DEIT = dict(opt="adamw", opt_eps=1e-8, lr=1e-3, wd=0.05, epochs=300, train_batch=1024, lr_decay="cos",
+            warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.8, cutmix=1.0,
+            randaug=9, randaug_n=2, reprob=0.25, drop_path=0.1, repeated_aug=3, model_ema=True,
+            ema_decay=0.99996, interpolation="bicubic", crop_pct=0.875, dropout=0.1)
+PVT = dict(DEIT, model_ema=False)
+# The MLP models' recipe (the original's mlp/configs/default_noah.yaml; 8 GPUs x 192 = 1536).
+MLP = dict(opt="adamw", opt_eps=1e-6, lr=7e-4, wd=0.067, epochs=300, train_batch=1536, lr_decay="cos",
+           warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.5, cutmix=1.0,
+           randaug=6, randaug_n=3, reprob=0.0, drop=0.02333, drop_path=0.1, clip_grad=1.0, model_ema=True,
+           ema_decay=0.99992, interpolation="bicubic", crop_pct=0.9, dropout=0.1)
+
+
+def recipe_for(arch):
+    for prefix, recipe in [("resnet", RESNET), ("mobilenetv2", MOBILENETV2), ("mobilenetv3", MOBILENETV3),
+                           ("shufflenetv2", SHUFFLENETV2), ("deit", DEIT), ("pvt", PVT), ("mixer", MLP), ("gmlp", MLP)]:
+        if arch.startswith(prefix):
+            return recipe
+
+
+def make_presets():
+    """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the
+    standard head; `quick` is the run of `python train.py` with no arguments."""
+    presets = {"quick": dict(dataset="shapes", arch="resnet18", use_noah=True, epochs=5, opt="adamw", lr=1e-3,
+                             wd=0.05, nowd_bn=True, lr_decay="cos", train_batch=64, img_size=64, train_size=5000, workers=1,
+                             checkpoint="./checkpoints/quick")}
+    for arch in noah.list_models():
+        recipe = dict(recipe_for(arch), arch=arch)
+        head = noah.MODELS[arch][1]
+        presets[f"noah_{arch}"] = dict(recipe, use_noah=True, head_num=head["head_num"], key_ratio=head["key_ratio"],
+                                       checkpoint=f"./checkpoints/noah_{arch}")
+        presets[arch] = dict(recipe, use_noah=False, checkpoint=f"./checkpoints/{arch}")
+    return presets
+
+
+PRESETS = make_presets()
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Train or evaluate a model of noah.py.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a published recipe; flags given on the command line win")
+    # data (the original's flags first)
+    p.add_argument("-d", "--data", help="dataset folder: ImageFolder root with train/ and val/, or where to download")
+    p.add_argument("--dataset", choices=["imagenet", "folder", "imagenette", "cifar10", "cifar100", "shapes", "fake"],
+                   help="default: imagenet when --data is given, else the quick run's shapes")
+    p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per GPU/process")
+    p.add_argument("--img-size", type=int, help="training resolution (default: 224; CIFAR 32; shapes 64)")
+    p.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size / crop-pct, crop")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
+    p.add_argument("--train-size", type=int, default=2000, help="images per epoch of shapes / fake")
+    p.add_argument("--val-size", type=int, default=500, help="validation images of shapes / fake")
+    # model
+    p.add_argument("-a", "--arch", default="resnet18", choices=noah.list_models(), metavar="ARCH",
+                   help="one of: " + ", ".join(noah.list_models()))
+    p.add_argument("--use_noah", action=argparse.BooleanOptionalAction, default=False,
+                   help="the NOAH head (else the standard head)")
+    p.add_argument("--head_num", type=int, help="NOAH heads N (default: the paper's for --arch)")
+    p.add_argument("--key_ratio", type=float, help="NOAH key ratio r (default: the paper's for --arch)")
+    p.add_argument("--dropout", type=float, default=0.0, help="NOAH's dropout on values (the standard head has none)")
+    p.add_argument("--drop-path", type=float, default=0.0, help="stochastic depth (ViT and MLP backbones)")
+    p.add_argument("--drop", type=float, default=0.0, help="dropout inside ViT and MLP blocks")
+    # optimization
+    p.add_argument("--epochs", type=int, default=90)
+    p.add_argument("--train-batch", type=int, default=256, help="global batch, split over the processes")
+    p.add_argument("--test-batch", type=int, default=100, help="per process")
+    p.add_argument("--opt", choices=["sgd", "adamw"], default="sgd")
+    p.add_argument("--lr", "--learning-rate", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
+    p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
+    p.add_argument("--nowd-bn", action="store_true", help="no weight decay on norm weights and biases")
+    p.add_argument("--lr-decay", choices=["schedule", "cos", "linear"], default="cos", help="per epoch, as the original")
+    p.add_argument("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
+    p.add_argument("--gamma", type=float, default=0.1, help="'schedule' multiplies the lr by this")
+    p.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup from --warmup-lr")
+    p.add_argument("--warmup-lr", type=float, default=1e-6)
+    p.add_argument("--min-lr", type=float, default=0.0, help="where 'cos' ends")
+    p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
+    p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
+    p.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off); with MixUp, one of the two per batch")
+    p.add_argument("--randaug", type=int, default=0, help="RandAugment magnitude (0: off)")
+    p.add_argument("--randaug-n", type=int, default=2, help="RandAugment operations per image")
+    p.add_argument("--reprob", type=float, default=0.0, help="RandomErasing probability")
+    p.add_argument("--repeated-aug", type=int, default=1, help="DeiT's repeated augmentation: copies per image")
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights")
+    p.add_argument("--ema-decay", type=float, default=0.9999)
+    # speed
+    p.add_argument("--use_amp", action="store_true", help="automatic mixed precision")
+    p.add_argument("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    # checkpoints and evaluation
+    p.add_argument("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves")
+    p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate)")
+    p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
+    p.add_argument("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
+    return p
+
+
+def parse_args(argv=None):
+    """Parse in two passes: the preset (or the quick run) sets defaults, then the command line wins."""
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    preset = args.preset or (None if args.data or args.dataset else "quick")
+    if preset:
+        parser.set_defaults(**PRESETS[preset])
+        args = parser.parse_args(argv)
+        args.preset = preset
+    args.dataset = args.dataset or "imagenet"
+    args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. Data
+# ------------------------------------------------------------------------------------------------
+
+
+class Shapes(Dataset):
+    """Synthetic images made on the fly, each fixed by (seed, index): one shape, a circle, square,
+    triangle, cross, ring or diamond, of random colour, size and place, on a cluttered background
+    (smooth greyish noise and random strokes). `sample(i)` also gives the object's bounding box, so
+    POCA maps can be checked against where the object really is. No download, any size."""
+
+    classes = ("circle", "square", "triangle", "cross", "ring", "diamond")
+
+    def __init__(self, num_samples=2000, img_size=64, seed=0, transform=None):
+        self.num_samples, self.img_size, self.seed, self.transform = num_samples, img_size, seed, transform
+
+    def __len__(self):
+        return self.num_samples
+
+    def sample(self, index):
+        """-> image (3, S, S) in [0, 1], label, box (x0, y0, x1, y1) in pixels."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        rand = lambda *shape: torch.rand(*shape, generator=g)
+        S = self.img_size
+        label = index % len(self.classes)
+        y, x = torch.meshgrid(torch.arange(S) + 0.5, torch.arange(S) + 0.5, indexing="ij")
+        # background: colour noise at 4x4, smoothed up to S x S, then strokes of other colours
+        noise = 0.5 + 0.3 * (rand(1, 1, 4, 4) - 0.5) + 0.1 * (rand(1, 3, 4, 4) - 0.5)  # greyish, a little colour
+        image = F.interpolate(noise, size=(S, S), mode="bilinear", align_corners=False)[0]
+        for _ in range(int(rand(1) * 4) + 2):
+            (x0, y0, x1, y1), colour = rand(4) * S, rand(3, 1, 1)
+            t = (((x - x0) * (x1 - x0) + (y - y0) * (y1 - y0)) / ((x1 - x0) ** 2 + (y1 - y0) ** 2 + 1e-6)).clamp(0, 1)
+            stroke = ((x - x0 - t * (x1 - x0)) ** 2 + (y - y0 - t * (y1 - y0)) ** 2) < (S / 64) ** 2
+            image = torch.where(stroke, colour, image)
+        # the object: its shape in coordinates (u, v) that span [-1, 1] over its box
+        radius = S * (0.15 + 0.15 * rand(1))
+        cx, cy = radius + rand(2) * (S - 2 * radius)
+        u, v = (x - cx) / radius, (y - cy) / radius
+        mask = {
+            "circle": u ** 2 + v ** 2 <= 1,
+            "square": torch.maximum(u.abs(), v.abs()) <= 1,
+            "triangle": (v <= 1) & (v >= 2 * u.abs() - 1),
+            "cross": ((u.abs() <= 0.3) & (v.abs() <= 1)) | ((v.abs() <= 0.3) & (u.abs() <= 1)),
+            "ring": ((u ** 2 + v ** 2) <= 1) & ((u ** 2 + v ** 2) >= 0.4),
+            "diamond": u.abs() + v.abs() <= 1,
+        }[self.classes[label]]
+        colour = 0.6 * rand(3, 1, 1)
+        colour[int(rand(1) * 3)] = 1.0  # one channel full: a vivid colour on the greyish background
+        image = torch.where(mask, colour, image)
+        box = torch.cat([cx - radius, cy - radius, cx + radius, cy + radius])
+        return image, label, box
+
+    def __getitem__(self, index):
+        image, label, _ = self.sample(index)
+        return (self.transform(image) if self.transform else image), label
+
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def build_transforms(args, train, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
+    CIFAR's pad-and-crop for 32x32 images; resize and centre crop to evaluate."""
+    from torchvision.transforms import v2
+
+    interpolation = v2.InterpolationMode(args.interpolation)
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if args.dataset in ("shapes", "fake"):  # already tensors of the right size
+        return v2.Compose([v2.RandomHorizontalFlip()] * train + to_tensor)
+    if not train:
+        if args.dataset.startswith("cifar"):
+            return v2.Compose([v2.Resize(args.img_size, interpolation)] * (args.img_size != 32) + to_tensor)
+        return v2.Compose([v2.Resize(int(args.img_size / args.crop_pct), interpolation), v2.CenterCrop(args.img_size)]
+                          + to_tensor)
+    if args.dataset.startswith("cifar"):
+        crop = [v2.Resize(args.img_size, interpolation)] * (args.img_size != 32)
+        crop += [v2.RandomCrop(args.img_size, padding=args.img_size // 8)]
+    else:
+        crop = [v2.RandomResizedCrop(args.img_size, interpolation=interpolation)]
+    augment = [v2.RandAugment(args.randaug_n, args.randaug, interpolation=interpolation)] if args.randaug else []
+    erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob else []
+    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_tensor + erase)
+
+
+def image_folder(root, transform):
+    """torchvision's ImageFolder, with a clear error when the folder is missing or holds no classes."""
+    from torchvision.datasets import ImageFolder
+
+    if not os.path.isdir(root):
+        raise UserError(f"no folder {root}: --data must hold train/ and val/, each with one sub-folder of "
+                        f"images per class (for ImageNet, see the README's 'Data' section)")
+    try:
+        return ImageFolder(root, transform)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise UserError(f"{root} is not laid out as one sub-folder of images per class: {e}") from None
+
+
+def download(make, url, placement):
+    """Build a torchvision dataset that downloads itself; say where to put the files if that fails."""
+    try:
+        return make(download=True)
+    except Exception as e:  # network errors come as many types; any of them means the same to the user
+        raise UserError(f"could not download {url} ({type(e).__name__}: {e}); download it by hand and "
+                        f"{placement}") from None
+
+
+def build_datasets(args):
+    """-> train set, validation set, number of classes."""
+    from torchvision import datasets
+
+    train_tf, val_tf = build_transforms(args, train=True), build_transforms(args, train=False)
+    if args.dataset in ("imagenet", "folder"):
+        if not args.data:
+            raise UserError(f"--dataset {args.dataset} needs --data: a folder with train/ and val/")
+        train = image_folder(os.path.join(args.data, "train"), train_tf)
+        val = image_folder(os.path.join(args.data, "val"), val_tf)
+        if train.classes != val.classes:
+            raise UserError(f"{args.data}: train/ has {len(train.classes)} classes and val/ {len(val.classes)}; "
+                            f"both need the same class folders")
+        return train, val, len(train.classes)
+    if args.dataset == "shapes":
+        train = Shapes(args.train_size, args.img_size, seed=0, transform=train_tf)
+        return train, Shapes(args.val_size, args.img_size, seed=1, transform=val_tf), len(Shapes.classes)
+    if args.dataset == "fake":
+        make = lambda size, seed, tf: datasets.FakeData(size, (3, args.img_size, args.img_size), 1000, tf, random_offset=seed)
+        return make(args.train_size, 0, train_tf), make(args.val_size, 10 ** 6, val_tf), 1000
+    root = args.data or "./data"
+    if args.dataset == "imagenette":
+        url = datasets.Imagenette._ARCHIVES["320px"][0]
+        placement = f"extract it into {root}, so that {root}/imagenette2-320/train exists"
+        make = lambda split, tf: lambda download: datasets.Imagenette(
+            root, split, "320px", download=download and not os.path.isdir(os.path.join(root, "imagenette2-320")),
+            transform=tf)
+        return download(make("train", train_tf), url, placement), make("val", val_tf)(False), 10
+    cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
+    placement = f"extract it into {root}, so that {root}/{cifar.base_folder} exists"
+    train = download(lambda download: cifar(root, True, train_tf, download=download), cifar.url, placement)
+    return train, cifar(root, False, val_tf), len(train.classes)
+
+
+class RepeatedAugSampler(Sampler):
+    """DeiT's repeated augmentation: each chosen image is used `repeats` times in an epoch, spread over the
+    processes, each time with its own augmentation. Every process still sees len(dataset) / world images."""
+
+    def __init__(self, dataset, world, rank, repeats, seed):
+        self.dataset, self.world, self.rank, self.repeats, self.seed, self.epoch = dataset, world, rank, repeats, seed, 0
+        self.per_process = len(dataset) // world
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        repeated = order.repeat_interleave(self.repeats).tolist()
+        return iter(repeated[self.rank::self.world][: self.per_process])
+
+    def __len__(self):
+        return self.per_process
+
+
+def mix_seed(*numbers):
+    """One 63-bit seed from several numbers, e.g. (run seed, epoch, rank): a different one for each combination."""
+    seed = 0
+    for n in numbers:
+        seed = (seed * 1_000_003 + n) % 2 ** 63
+    return seed
+
+
+class SeededSamples(Dataset):
+    """Loads item (index, seed) with torch's random generator seeded by `seed`, so that a sample's
+    augmentation depends on its seed alone, not on which worker loads it or what that worker did before."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        torch.manual_seed(seed)
+        return self.dataset[index]
+
+
+class SeededSampler(Sampler):
+    """Hands out (index, seed) pairs, the seed fixed by (run seed, epoch, rank, position in the epoch)."""
+
+    def __init__(self, sampler, seed, rank):
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((index, mix_seed(self.seed, self.epoch, self.rank, position)) for position, index in enumerate(self.sampler))
+
+    def __len__(self):
+        return len(self.sampler)
+
+
+def build_loaders(args, train_set, val_set, world, rank, pin):
+    """Training: shuffled, each process its share, every sample's augmentation seeded (exact resumption,
+    whatever the workers). Validation: image i goes to process i % world, so that every image is counted
+    exactly once (no padding with repeats), whatever the number of processes."""
+    if args.repeated_aug > 1:
+        sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.manualSeed)
+    else:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.manualSeed)
+    common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
+    train = DataLoader(SeededSamples(train_set), args.train_batch // world,
+                       sampler=SeededSampler(sampler, args.manualSeed, rank), drop_last=False, **common)
+    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.test_batch, **common)
+    return train, val
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Optimization
+# ------------------------------------------------------------------------------------------------
+
+
+def lr_at(args, epoch):
+    """The learning rate of an epoch, as the original sets it once per epoch (plus the warmup and floor
+    of the ViT and MLP recipes)."""
+    if epoch < args.warmup_epochs:
+        return args.warmup_lr + epoch * (args.lr - args.warmup_lr) / args.warmup_epochs
+    if args.lr_decay == "schedule":
+        return args.lr * args.gamma ** sum(epoch >= s for s in args.schedule)
+    if args.lr_decay == "cos":
+        return args.min_lr + (args.lr - args.min_lr) * (1 + math.cos(math.pi * epoch / args.epochs)) / 2
+    return args.lr * (1 - epoch / args.epochs)  # linear
+
+
+def param_groups(model, weight_decay, nowd_bn):
+    """With --nowd-bn, as the original: decay only the weights of convolutions and linear layers
+    (parameters named '...weight' with more than one dimension), not norms, biases or embeddings."""
+    if not nowd_bn:
+        return [dict(params=list(model.parameters()), weight_decay=weight_decay)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if name.endswith("weight") and p.ndim > 1 else no_decay).append(p)
+    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+
+
+def build_batch_mixer(args, num_classes):
+    """MixUp and/or CutMix on whole batches (one of the two per batch when both are on), or None."""
+    from torchvision.transforms import v2
+
+    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
+    return v2.RandomChoice(mixers) if mixers else None
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+def save_atomically(state, path):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def read_checkpoint(path):
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint file {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
+        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def describe(config):
+    head = f"NOAH (N={config['head_num']}, r={config['key_ratio']})" if config["use_noah"] else "the standard head"
+    return f"{config['arch']} with {head}"
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Training and evaluation
+# ------------------------------------------------------------------------------------------------
+
+
+def reseed(seed, epoch, rank):
+    """Fix the random numbers of an epoch on a process (dropout, MixUp) from (seed, epoch, rank): a resumed
+    run replays them."""
+    random.seed(mix_seed(seed, epoch, rank))
+    torch.manual_seed(mix_seed(seed, epoch, rank))
+
+
+def evaluate(model, loader, device, autocast, world, progress):
+    """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
+    with torch.no_grad():
+        for images, targets in tqdm(loader, desc="  eval", leave=False, disable=not progress):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast:
+                logits = model(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+            totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
+                                   top5.any(dim=1).sum(), torch.tensor(len(targets), device=device)]).double()
+    if world > 1:
+        dist.all_reduce(totals)
+    loss, top1, top5, n = totals.tolist()
+    return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n))
+
+
+def plot_curves(log, path):
+    """Loss and top-1 against epochs, from the JSON-lines log, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    epochs = [r["epoch"] for r in log]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    ax_loss.plot(epochs, [r["train_loss"] for r in log], label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in log], label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="loss")
+    if all(r["train_top1"] is not None for r in log):
+        ax_acc.plot(epochs, [r["train_top1"] for r in log], label="train")
+    ax_acc.plot(epochs, [r["val_top1"] for r in log], label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="top-1 (%)", title="top-1 accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.evaluate and not args.resume:
+        raise UserError("--evaluate needs --resume PATH: the checkpoint to evaluate")
+
+    # processes: one, or one per GPU (or CPU slot) under torchrun
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if args.train_batch % world:
+        raise UserError(f"--train-batch {args.train_batch} is the global batch and must split evenly over "
+                        f"{world} processes; use a multiple of {world}")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    master = rank == 0
+    log_print = print if master else (lambda *a, **k: None)
+
+    # model
+    config = dict(arch=args.arch, use_noah=args.use_noah, head_num=None, key_ratio=None)
+    checkpoint = read_checkpoint(args.resume) if args.resume else None
+    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if saved_args and args.manualSeed is None:
+        args.manualSeed = saved_args["manualSeed"]  # the same random numbers as the run it continues
+    if args.manualSeed is None:
+        args.manualSeed = random.randint(1, 10000)
+    torch.manual_seed(args.manualSeed)  # the initial weights (DDP copies rank 0's to the others)
+    train_set, val_set, num_classes = build_datasets(args)
+    try:
+        model = noah.create_model(
+            args.arch, num_classes, head="noah" if args.use_noah else "gap", head_num=args.head_num if args.use_noah else None,
+            key_ratio=args.key_ratio if args.use_noah else None, dropout=args.dropout if args.use_noah else None,
+            **({"img_size": args.img_size, "drop_path_rate": args.drop_path, "drop_rate": args.drop}
+               if args.arch in noah.TOKEN_MODELS else {}))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if args.use_noah:
+        config.update(head_num=model.head.head_num, key_ratio=args.key_ratio or noah.MODELS[args.arch][1]["key_ratio"])
+    if checkpoint is not None:
+        saved = checkpoint.get("config")
+        if saved and (saved["arch"], saved["use_noah"]) != (config["arch"], config["use_noah"]):
+            raise UserError(f"{args.resume} holds {describe(saved)}, but this run builds {describe(config)}; "
+                            f"give the matching --arch and --use_noah / --no-use_noah")
+        try:
+            noah.load_checkpoint(model, checkpoint)
+        except ValueError as e:
+            raise UserError(f"{args.resume} does not fit {describe(config)}: {e}") from None
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    ema = None
+    if args.model_ema:
+        ema = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
+    net = torch.compile(model) if args.compile else model
+    if distributed:
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
+    amp_dtype = getattr(torch, args.amp_dtype)
+    autocast = torch.autocast(device.type, amp_dtype, enabled=args.use_amp)
+    log_print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
+              f"{world} process(es) on {device.type}")
+
+    train_loader, val_loader = build_loaders(args, train_set, val_set, world, rank, pin=device.type == "cuda")
+    if args.evaluate:
+        result = evaluate(net, val_loader, device, autocast, world, master)
+        log_print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
+                  f"top-5 {result['top5']:.2f}% on {result['images']} images")
+        return result
+
+    # optimizer, state of a resumed run
+    groups = param_groups(model, args.wd, args.nowd_bn)
+    if args.opt == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and amp_dtype == torch.float16)
+    start_epoch, best_acc = 0, 0.0
+    if checkpoint is not None and "config" not in checkpoint:
+        log_print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
+    elif checkpoint is not None:
+        args.checkpoint = os.path.dirname(args.resume) or "."  # the original keeps writing beside the resumed file
+        try:
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except ValueError as e:
+            raise UserError(f"{args.resume}: its optimizer state does not fit this run ({e})") from None
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
+        if ema is not None and "ema" in checkpoint:
+            ema.load_state_dict(checkpoint["ema"])
+        start_epoch, best_acc = checkpoint["epoch"], float(checkpoint["best_acc"])
+    mixer = build_batch_mixer(args, num_classes)
+    os.makedirs(args.checkpoint, exist_ok=True)
+    log_path, last_path = os.path.join(args.checkpoint, "log.jsonl"), os.path.join(args.checkpoint, "checkpoint.pth.tar")
+    log = []
+    if master and start_epoch and os.path.exists(log_path):
+        log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
+
+    for epoch in range(start_epoch, args.epochs):
+        train_loader.sampler.set_epoch(epoch)
+        batches = iter(train_loader)  # starting the loader draws random numbers, so reseed after it
+        reseed(args.manualSeed, epoch, rank)
+        lr = lr_at(args, epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        net.train()
+        started, seen, loss_sum, hits = time.time(), 0, 0.0, 0
+        bar = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
+                   leave=False)
+        for step, (images, targets) in enumerate(bar):
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if args.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = targets
+            if mixer is not None:
+                images, targets = mixer(images, targets)  # soft targets
+            with autocast:
+                logits = net(images)
+                loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
+            global_loss = loss.detach().clone()
+            if distributed:
+                dist.all_reduce(global_loss)
+                global_loss /= world
+            if not math.isfinite(global_loss.item()):
+                last = f"the last good checkpoint, {last_path}, is kept" if os.path.exists(last_path) else "no checkpoint was written yet"
+                raise UserError(f"the loss became {global_loss.item()} at epoch {epoch + 1}, step {step + 1} of "
+                                f"{len(train_loader)}; stopping ({last}). Try a lower --lr or --clip-grad.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if args.clip_grad:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update_parameters(model)
+            seen += len(images)
+            loss_sum += global_loss.item() * len(images)
+            if mixer is None:
+                hits += (logits.argmax(dim=1) == labels).sum().item()
+            bar.set_postfix(loss=f"{global_loss.item():.3f}", lr=f"{lr:.3g}")
+        seconds = time.time() - started
+        counts = torch.tensor([loss_sum, hits, seen], dtype=torch.float64, device=device)
+        if distributed:
+            dist.all_reduce(counts)
+        loss_sum, hits, seen = counts.tolist()
+        result = evaluate(net, val_loader, device, autocast, world, master)
+        record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen,
+                      train_top1=None if mixer else 100 * hits / seen,  # on augmented images, in train mode
+                      val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
+                      images_per_s=seen / seconds, seconds=seconds)
+        if ema is not None:
+            record["ema_val_top1"] = evaluate(ema, val_loader, device, autocast, world, False)["top1"]
+        best_acc = max(best_acc, result["top1"])
+        if master:
+            state = dict(epoch=epoch + 1, arch=args.arch, config=config, state_dict=model.state_dict(),
+                         acc=result["top1"], best_acc=best_acc, optimizer=optimizer.state_dict(),
+                         scaler=scaler.state_dict(), args=vars(args))
+            if ema is not None:
+                state["ema"] = ema.state_dict()
+            save_atomically(state, last_path)
+            if result["top1"] >= best_acc:
+                save_atomically(state, os.path.join(args.checkpoint, "model_best.pth.tar"))
+            log.append(record)
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in log)
+            os.replace(log_path + ".tmp", log_path)
+            plot_curves(log, os.path.join(args.checkpoint, "curves.png"))
+            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {record['train_loss']:.4f}  "
+                  f"val loss {result['loss']:.4f}  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
+                  f"{record['images_per_s']:.0f} img/s", flush=True)
+    log_print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
+    if distributed:
+        dist.destroy_process_group()
+    return dict(best_acc=best_acc, log=log)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UserError as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
