@@ -16,8 +16,10 @@ Every model has `forward_features(x)`, which returns the last feature map (B, C,
 Token backbones lay their patch tokens out as such a map, so one NOAH module serves them all.
 Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, K classes.
 """
+import argparse
 import math
-from functools import partial
+import re
+from functools import lru_cache, partial
 
 import torch
 from einops import einsum, rearrange, reduce
@@ -371,16 +373,18 @@ class MobileNetV3Small(Classifier):
             features.append(InvertedResidual(conv, residual=stride == 1 and channels == out_channels))
             channels = out_channels
         features.append(conv_bn_act(channels, 576, act=HardSwish))
-        if head != "noah":
-            features.append(nn.AdaptiveAvgPool2d(1))
-        features += [nn.Conv2d(576, 1280, 1), HardSwish()]
         self.features = nn.Sequential(*features)
+        self.pool_first = head != "noah"
+        self.conv_head = nn.Sequential(nn.Conv2d(576, 1280, 1), HardSwish())
         self.num_features = 1280
         self.head = build_head(head, self.num_features, **head_args)
         init_cnn_weights(self)
 
     def forward_features(self, x):
-        return self.features(x)
+        x = self.features(x)  # (B, 576, H/32, W/32)
+        if self.pool_first:
+            x = reduce(x, "b c h w -> b c 1 1", "mean")
+        return self.conv_head(x)  # (B, 1280, H/32, W/32), or (B, 1280, 1, 1)
 
 
 # --- ShuffleNetV2 (Ma et al., 2018) --------------------------------------------------------------
@@ -477,6 +481,11 @@ class PatchEmbed(nn.Module):
                              f"{self.patch_size} patch")
         x = self.proj(x)
         return self.norm(rearrange(x, "b c h w -> b (h w) c")), x.shape[-2:]
+
+
+def drop_path_rates(last, depth):
+    """Stochastic depth grows linearly with depth, from 0 at the first block to `last` at the last."""
+    return [last * i / max(depth - 1, 1) for i in range(depth)]
 
 
 def tokens_to_map(tokens, grid):
@@ -600,7 +609,7 @@ class VisionTransformer(Classifier):
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + self.class_token, dim))
         self.pos_drop = nn.Dropout(drop_rate)
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()  # deeper blocks are dropped more often
+        rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, drop=drop_rate, drop_path=p) for p in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.num_features = dim
@@ -627,7 +636,7 @@ class PyramidVisionTransformer(Classifier):
                  drop_path_rate=0.0, head="noah", **head_args):
         super().__init__()
         self.class_token = head != "noah"
-        rates = iter(torch.linspace(0, drop_path_rate, sum(depths)).tolist())
+        rates = iter(drop_path_rates(drop_path_rate, sum(depths)))
         self.grids, channels = [], 3
         for i in range(4):
             patch = 4 if i == 0 else 2
@@ -857,42 +866,166 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Checkpoints
+# 5. Checkpoints: this project's, the original repository's, torchvision's and timm's
 # ------------------------------------------------------------------------------------------------
 
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel / DataParallel, torch.compile
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # (Distributed)DataParallel, torch.compile
 
 
-def load_checkpoint(model, source, strict=True):
-    """Load weights into `model` from a checkpoint: a file path or an already loaded dict.
+def read_checkpoint(path):
+    """A checkpoint file's contents, read with `weights_only=True`: a file from the internet cannot run code
+    when loaded. Besides plain data only argparse.Namespace is allowed, as DeiT and timm store their
+    arguments so. A file that is truncated, not PyTorch's, or holds other objects is a clear ValueError."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot read {path} as a checkpoint ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0][:300]})") from None
 
-    Accepted: this project's checkpoints and the original repository's (dicts with 'state_dict'),
-    timm/DeiT-style dicts with 'model', and bare state dicts; keys may carry the 'module.' prefix of
-    (Distributed)DataParallel or torch.compile's '_orig_mod.'. Files are read with
-    `weights_only=True`, so a checkpoint from the internet cannot run code. With strict=True, any
-    missing, unexpected or differently shaped key is an error that names them.
-    """
-    if not isinstance(source, dict):
-        source = torch.load(source, map_location="cpu", weights_only=True)
-    state = source.get("state_dict", source.get("model", source))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError("this is not a checkpoint: found no state dict of tensors in it")
-    state = {strip_prefixes(key): value for key, value in state.items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                if k in state and state[k].shape != v.shape]
-    if reshaped or (strict and (missing or unexpected)):
-        problems = [f"{label} ({len(keys)}): {', '.join(keys[:6])}{', ...' if len(keys) > 6 else ''}"
-                    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                        ("shapes differ, file vs model", reshaped)) if keys]
-        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems))
-    model.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=strict)
-    return model
+
+def read_state_dict(source):
+    """The state dict of a checkpoint (a path or a loaded dict), wrapper prefixes removed. Accepted: dicts
+    with 'state_dict' (this project, the original repository, timm) or 'model' (DeiT, PVT), and bare state
+    dicts (torchvision)."""
+    checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
+    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError("this is not a checkpoint: it holds no state dict of tensors")
+    return {strip_prefixes(key): value for key, value in state.items()}
 
 
 def strip_prefixes(key):
     while key.startswith(WRAPPER_PREFIXES):
         key = key.split(".", 1)[1]
     return key
+
+
+# Other repositories' names for the same layers: (pattern, replacement), applied in order.
+RENAMES = [
+    (r"^classifier\.1\.", "head.fc."),  # original MobileNetV3 standard head; torchvision's MobileNetV2
+    (r"^classifier\.", "head."),  # original MobileNetV3 NOAH head
+    (r"^head\.2\.", "head.fc."),  # original standard head: Sequential(pool, flatten, linear)
+    (r"^fc\.", "head.fc."),  # torchvision's ResNet and ShuffleNetV2
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),  # timm's linear head
+]
+
+
+def to_this_layout(state, expected):
+    """Rename and reshape another layout's keys into this file's, for the model whose state dict is
+    `expected`: the renames above; the original MobileNetV3's 1280-channel conv (features.13 with NOAH,
+    features.14 after the pooling of its standard head) to conv_head.0; DeiT's fused attn.qkv split into
+    attn.q and attn.kv (rows q | k v); and the NOAH projections' grouped-conv weights (N*K, D, 1, 1), (N*K,)
+    viewed as (N, K, D), (N, K): the same numbers in the same order."""
+    converted = {}
+    for key, value in state.items():
+        for pattern, replacement in RENAMES:
+            key = re.sub(pattern, replacement, key)
+        if "conv_head.0.weight" in expected:
+            key = re.sub(r"^features\.1[34]\.(weight|bias)$", r"conv_head.0.\1", key)
+        if key.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+            dim = value.shape[0] // 3
+            converted[key.replace("qkv", "q")], converted[key.replace("qkv", "kv")] = value[:dim], value[dim:]
+            continue
+        if re.fullmatch(r"head\.(query|value)\.(weight|bias)", key) and key in expected \
+                and value.shape != expected[key] and value.numel() == math.prod(expected[key]):
+            value = value.reshape(expected[key])
+        converted[key] = value
+    return converted
+
+
+def load_checkpoint(model, source, strict=True):
+    """Load a checkpoint into `model` (returned): a file path or an already loaded dict.
+
+    Reads this project's checkpoints, the original NOAH repository's (CNNs, and the timm-style DeiT, PVT,
+    Mixer and gMLP models), torchvision's and timm's (see `read_state_dict` and `to_this_layout`). With
+    strict=True any missing, unexpected or differently shaped key is an error that names them, and says
+    which model the file seems to be for.
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = to_this_layout(read_state_dict(source), expected)
+    check_fit(state, expected, strict)
+    model.load_state_dict(state, strict=strict)
+    return model
+
+
+def load_backbone(model, source):
+    """Fine-tuning: load a checkpoint's backbone (every key outside `head.`) into `model`, and its head
+    only where it fits as it is (the same head and number of classes); returns whether the head was loaded.
+
+    The class token is the standard head's way of reading a ViT, so it is taken when both have it and
+    left out otherwise; position embeddings are interpolated to the model's grid, their class-token row
+    taken or left out the same way.
+    """
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state = to_this_layout(read_state_dict(source), expected)
+    for key in [k for k in state if "pos_embed" in k and k in expected and state[k].shape != expected[k]]:
+        state[key] = fit_pos_embed(state[key], model.state_dict()[key])
+    for key in ("cls_token",):
+        if (key in state) != (key in expected):
+            state.pop(key, None)
+            expected.pop(key, None)
+    head = {k: v for k, v in state.items() if k.startswith("head.")}
+    head_fits = set(head) == {k for k in expected if k.startswith("head.")} and all(
+        v.shape == expected[k] for k, v in head.items())
+    backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
+    check_fit(backbone, {k: v for k, v in expected.items() if not k.startswith("head.")}, strict=True, whole=state)
+    model.load_state_dict({**backbone, **(head if head_fits else {})}, strict=False)
+    return head_fits
+
+
+def fit_pos_embed(saved, current):
+    """Position embeddings (1, [1 +] h*w, C) of a square grid, made to fit another: patch rows interpolated,
+    the class-token row taken from `saved` where both have one, kept from `current` where only it has one."""
+    split = lambda pos: (pos[:, :1], pos[:, 1:]) if math.isqrt(pos.shape[1]) ** 2 != pos.shape[1] else (None, pos)
+    (saved_cls, saved_grid), (current_cls, current_grid) = split(saved), split(current)
+    side, new_side = math.isqrt(saved_grid.shape[1]), math.isqrt(current_grid.shape[1])
+    grid = resize_pos_embed(saved_grid, (side, side), (new_side, new_side))
+    if current_cls is None:
+        return grid
+    return torch.cat((saved_cls if saved_cls is not None else current_cls, grid), dim=1)
+
+
+def check_fit(state, expected, strict, whole=None):
+    """Raise a ValueError naming every key that does not fit, and the model that `whole` (the file's whole
+    state dict, by default `state`) seems to be for."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    reshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(shape)}" for k, shape in expected.items()
+                if k in state and state[k].shape != shape]
+    if reshaped or (strict and (missing or unexpected)):
+        problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''}"
+                    for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                        ("shapes differ, file vs model", reshaped)) if keys]
+        guess = guess_model(state if whole is None else whole)
+        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems)
+                         + (f"; the file seems to be for {guess}" if guess else ""))
+
+
+def guess_model(state):
+    """Which model of this file a state dict (in this layout) fits, described, or None."""
+    for name in MODELS:
+        for head in ("noah", "gap"):
+            layout = layout_of(name, head)
+            if {k for k in state if not k.startswith("head.")} != set(layout) or any(
+                    state[k].shape != shape for k, shape in layout.items()):
+                continue
+            if head == "gap" and "head.fc.weight" in state:
+                return f"{name} with the standard head, {state['head.fc.weight'].shape[0]} classes"
+            if head == "noah" and "head.query.weight" in state:
+                query, value = state["head.query.weight"], state["head.value.weight"]
+                heads = query.shape[0] if query.ndim == 3 else MODELS[name][1]["head_num"]  # else assume the paper's N
+                per_head = lambda w: w if w.ndim == 3 else w.reshape(heads, -1, w.shape[1])  # from (N*K, D, 1, 1)
+                (_, classes, key_dim), value_dim = per_head(query).shape, per_head(value).shape[-1]
+                return f"{name} with NOAH (N={heads}, r={key_dim / (key_dim + value_dim):g}), {classes} classes"
+    return None
+
+
+@lru_cache(maxsize=None)
+def layout_of(name, head):
+    """The backbone's keys and shapes of a model (built on the 'meta' device: no memory, no time)."""
+    with torch.device("meta"):
+        model = create_model(name, head=head)
+    return {k: v.shape for k, v in model.state_dict().items() if not k.startswith("head.")}

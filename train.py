@@ -34,6 +34,9 @@ from tqdm import tqdm
 import noah
 
 
+NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
+
+
 class UserError(Exception):
     """A problem with the command line, the data or a file: reported in one line, without a traceback."""
 
@@ -57,7 +60,7 @@ PVT = dict(DEIT, model_ema=False)
 MLP = dict(opt="adamw", opt_eps=1e-6, lr=7e-4, wd=0.067, epochs=300, train_batch=1536, lr_decay="cos",
            warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.5, cutmix=1.0,
            randaug=6, randaug_n=3, reprob=0.0, drop=0.02333, drop_path=0.1, clip_grad=1.0, model_ema=True,
-           ema_decay=0.99992, interpolation="bicubic", crop_pct=0.9, dropout=0.1)
+           ema_decay=0.99992, interpolation="bicubic", crop_pct=0.9, normalize="inception", dropout=0.1)
 
 
 def recipe_for(arch):
@@ -97,6 +100,8 @@ def get_parser():
     p.add_argument("--img-size", type=int, help="training resolution (default: 224; CIFAR 32; shapes 64)")
     p.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size / crop-pct, crop")
     p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
+    p.add_argument("--normalize", choices=list(NORMALIZATIONS), default="imagenet",
+                   help="input mean and std: ImageNet's, or 0.5 and 0.5 (the MLP models')")
     p.add_argument("--train-size", type=int, default=2000, help="images per epoch of shapes / fake")
     p.add_argument("--val-size", type=int, default=500, help="validation images of shapes / fake")
     # model
@@ -141,6 +146,9 @@ def get_parser():
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     # checkpoints and evaluation
+    p.add_argument("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (torchvision's, the "
+                   "original repository's or this project's); its head too where it fits")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0, help="the backbone's lr, as a fraction of the head's")
     p.add_argument("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves")
     p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
@@ -219,16 +227,13 @@ class Shapes(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def build_transforms(args, train, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+def build_transforms(args, train):
     """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
     CIFAR's pad-and-crop for 32x32 images; resize and centre crop to evaluate."""
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(args.interpolation)
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*NORMALIZATIONS[args.normalize])]
     if args.dataset in ("shapes", "fake"):  # already tensors of the right size
         return v2.Compose([v2.RandomHorizontalFlip()] * train + to_tensor)
     if not train:
@@ -395,15 +400,18 @@ def lr_at(args, epoch):
     return args.lr * (1 - epoch / args.epochs)  # linear
 
 
-def param_groups(model, weight_decay, nowd_bn):
-    """With --nowd-bn, as the original: decay only the weights of convolutions and linear layers
-    (parameters named '...weight' with more than one dimension), not norms, biases or embeddings."""
-    if not nowd_bn:
-        return [dict(params=list(model.parameters()), weight_decay=weight_decay)]
-    decay, no_decay = [], []
+def param_groups(model, weight_decay, nowd_bn, backbone_lr_scale=1.0):
+    """The parameters grouped by weight decay and learning-rate scale. With --nowd-bn, as the original,
+    only the weights of convolutions and linear layers decay (parameters named '...weight' with more than
+    one dimension), not norms, biases or embeddings. The backbone learns at backbone_lr_scale times the
+    head's rate (for fine-tuning)."""
+    groups = {}
     for name, p in model.named_parameters():
-        (decay if name.endswith("weight") and p.ndim > 1 else no_decay).append(p)
-    return [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+        decay = not nowd_bn or (name.endswith("weight") and p.ndim > 1)
+        scale = 1.0 if name.startswith("head.") else backbone_lr_scale
+        groups.setdefault((decay, scale), []).append(p)
+    return [dict(params=params, weight_decay=weight_decay if decay else 0.0, lr_scale=scale)
+            for (decay, scale), params in groups.items()]
 
 
 def build_batch_mixer(args, num_classes):
@@ -430,9 +438,9 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint file {path}")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a checkpoint, or holding objects that are not plain data
-        raise UserError(f"cannot read {path} as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        return noah.read_checkpoint(path)  # safely: weights_only
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def describe(config):
@@ -540,6 +548,13 @@ def main(argv=None):
         raise UserError(str(e)) from None
     if args.use_noah:
         config.update(head_num=model.head.head_num, key_ratio=args.key_ratio or noah.MODELS[args.arch][1]["key_ratio"])
+    if args.pretrained_backbone:
+        try:
+            head_loaded = noah.load_backbone(model, args.pretrained_backbone)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"{args.pretrained_backbone} cannot give {describe(config)} its backbone: {e}") from None
+        log_print(f"backbone loaded from {args.pretrained_backbone}; "
+                  + ("its head fits and is loaded too" if head_loaded else "the head starts new"))
     if checkpoint is not None:
         saved = checkpoint.get("config")
         if saved and (saved["arch"], saved["use_noah"]) != (config["arch"], config["use_noah"]):
@@ -572,7 +587,7 @@ def main(argv=None):
         return result
 
     # optimizer, state of a resumed run
-    groups = param_groups(model, args.wd, args.nowd_bn)
+    groups = param_groups(model, args.wd, args.nowd_bn, args.backbone_lr_scale)
     if args.opt == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     else:
@@ -604,7 +619,7 @@ def main(argv=None):
         reseed(args.manualSeed, epoch, rank)
         lr = lr_at(args, epoch)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["lr_scale"]
         net.train()
         started, seen, loss_sum, hits = time.time(), 0, 0.0, 0
         bar = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,

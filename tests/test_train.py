@@ -4,8 +4,6 @@ import math
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,38 +12,7 @@ import torch
 from PIL import Image
 
 import train
-
-ROOT = Path(__file__).parent.parent
-
-
-@pytest.fixture(scope="module")
-def image_folder(tmp_path_factory):
-    """A tiny ImageFolder dataset: 3 classes, 8 training and 4 validation images each, 40x40 JPEGs."""
-    root = tmp_path_factory.mktemp("images")
-    g = torch.Generator().manual_seed(0)
-    for split, count in (("train", 8), ("val", 4)):
-        for c, name in enumerate(["apple", "pear", "plum"]):
-            (root / split / name).mkdir(parents=True)
-            for i in range(count):
-                pixels = (torch.rand(40, 40, 3, generator=g) * 80 + 80 * c).byte().numpy()
-                Image.fromarray(pixels).save(root / split / name / f"{i}.jpg")
-    return root
-
-
-def run(args, nproc=1, check=True):
-    """Run train.py as a user would, in its own process (under torchrun when nproc > 1)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(a) for a in args], capture_output=True,
-                          text=True, env=env, timeout=600)
-    if check:
-        assert done.returncode == 0, done.stderr[-3000:]
-    return done
-
-
-def small_run(data, checkpoint, *extra):
-    return ["--data", data, "--arch", "resnet18", "--use_noah", "--epochs", 1, "--train-batch", 8, "--test-batch", 8,
-            "--img-size", 32, "--workers", 0, "--lr", 0.01, "--manualSeed", 1, "--checkpoint", checkpoint, *extra]
+from helpers import run, small_run
 
 
 def read_log(folder):
@@ -167,8 +134,9 @@ def test_presets_cover_every_width_and_depth_with_their_family_recipe():
         "adamw", 5e-4 * 1024 / 512, 0.05, 5, 0.1, 0.8, 1.0, 0.1, True, 3, 4, 0.5)
     assert not train.parse_args(["--preset", "pvt_tiny", "--data", "D"]).model_ema
     gmlp = train.parse_args(["--preset", "noah_gmlp_ti16_224", "--data", "D"])
-    assert (gmlp.lr, gmlp.wd, gmlp.warmup_epochs, gmlp.clip_grad, gmlp.mixup, gmlp.ema_decay, gmlp.drop) == (
-        7e-4, 0.067, 20, 1.0, 0.5, 0.99992, 0.02333)
+    assert (gmlp.lr, gmlp.wd, gmlp.warmup_epochs, gmlp.clip_grad, gmlp.mixup, gmlp.ema_decay, gmlp.drop, gmlp.normalize,
+            gmlp.crop_pct) == (7e-4, 0.067, 20, 1.0, 0.5, 0.99992, 0.02333, "inception", 0.9)
+    assert (deit.normalize, deit.crop_pct, deit.interpolation) == ("imagenet", 0.875, "bicubic")
     assert set(train.PRESETS) >= {f"noah_{name}" for name in train.noah.list_models()} | set(train.noah.list_models())
 
 
