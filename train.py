@@ -72,10 +72,13 @@ def recipe_for(arch):
 
 def make_presets():
     """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the
-    standard head; `quick` is the run of `python train.py` with no arguments."""
-    presets = {"quick": dict(dataset="shapes", arch="resnet18", use_noah=True, epochs=5, opt="adamw", lr=1e-3,
-                             wd=0.05, nowd_bn=True, lr_decay="cos", train_batch=64, img_size=64, train_size=5000, workers=1,
-                             checkpoint="./checkpoints/quick")}
+    standard head. `quick` is the run of `python train.py` with no arguments; `shapes` trains the model
+    of the notebooks, whose 4x4 POCA maps (128-pixel images) are fine enough to find the objects."""
+    on_shapes = dict(dataset="shapes", use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos",
+                     train_batch=64, train_size=5000, workers=1, manualSeed=0)
+    presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3, checkpoint="./checkpoints/quick"),
+               "shapes": dict(on_shapes, arch="mobilenetv3_small", img_size=128, epochs=4, lr=3e-3,
+                              checkpoint="./checkpoints/shapes")}
     for arch in noah.list_models():
         recipe = dict(recipe_for(arch), arch=arch)
         head = noah.MODELS[arch][1]
@@ -153,6 +156,9 @@ def get_parser():
     p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
     p.add_argument("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
+    p.add_argument("--show-pocas", nargs="+", metavar="IMAGE", help="draw the POCA maps of --resume's model on "
+                   "these images, into --checkpoint")
+    p.add_argument("--top-k", type=int, default=3, help="--show-pocas: the classes to draw per image")
     return p
 
 
@@ -205,7 +211,7 @@ class Shapes(Dataset):
             stroke = ((x - x0 - t * (x1 - x0)) ** 2 + (y - y0 - t * (y1 - y0)) ** 2) < (S / 64) ** 2
             image = torch.where(stroke, colour, image)
         # the object: its shape in coordinates (u, v) that span [-1, 1] over its box
-        radius = S * (0.15 + 0.15 * rand(1))
+        radius = S * (0.1 + 0.1 * rand(1))
         cx, cy = radius + rand(2) * (S - 2 * radius)
         u, v = (x - cx) / radius, (y - cy) / radius
         mask = {
@@ -229,18 +235,19 @@ class Shapes(Dataset):
 
 def build_transforms(args, train):
     """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
-    CIFAR's pad-and-crop for 32x32 images; resize and centre crop to evaluate."""
+    CIFAR's pad-and-crop; a flip for the synthetic sets. To evaluate: resize and centre crop (to img-size /
+    crop-pct first for photos; for the other sets, whose images come at the model's size, that is the
+    identity, and any other picture is fitted whole)."""
     from torchvision.transforms import v2
 
     interpolation = v2.InterpolationMode(args.interpolation)
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*NORMALIZATIONS[args.normalize])]
-    if args.dataset in ("shapes", "fake"):  # already tensors of the right size
-        return v2.Compose([v2.RandomHorizontalFlip()] * train + to_tensor)
+    photos = args.dataset in ("imagenet", "folder", "imagenette")
     if not train:
-        if args.dataset.startswith("cifar"):
-            return v2.Compose([v2.Resize(args.img_size, interpolation)] * (args.img_size != 32) + to_tensor)
-        return v2.Compose([v2.Resize(int(args.img_size / args.crop_pct), interpolation), v2.CenterCrop(args.img_size)]
-                          + to_tensor)
+        resize = int(args.img_size / args.crop_pct) if photos else args.img_size
+        return v2.Compose([v2.Resize(resize, interpolation), v2.CenterCrop(args.img_size)] + to_tensor)
+    if args.dataset in ("shapes", "fake"):
+        return v2.Compose([v2.RandomHorizontalFlip()] + to_tensor)
     if args.dataset.startswith("cifar"):
         crop = [v2.Resize(args.img_size, interpolation)] * (args.img_size != 32)
         crop += [v2.RandomCrop(args.img_size, padding=args.img_size // 8)]
@@ -274,7 +281,7 @@ def download(make, url, placement):
 
 
 def build_datasets(args):
-    """-> train set, validation set, number of classes."""
+    """-> train set, validation set, class names."""
     from torchvision import datasets
 
     train_tf, val_tf = build_transforms(args, train=True), build_transforms(args, train=False)
@@ -286,13 +293,13 @@ def build_datasets(args):
         if train.classes != val.classes:
             raise UserError(f"{args.data}: train/ has {len(train.classes)} classes and val/ {len(val.classes)}; "
                             f"both need the same class folders")
-        return train, val, len(train.classes)
+        return train, val, train.classes
     if args.dataset == "shapes":
         train = Shapes(args.train_size, args.img_size, seed=0, transform=train_tf)
-        return train, Shapes(args.val_size, args.img_size, seed=1, transform=val_tf), len(Shapes.classes)
+        return train, Shapes(args.val_size, args.img_size, seed=1, transform=val_tf), list(Shapes.classes)
     if args.dataset == "fake":
         make = lambda size, seed, tf: datasets.FakeData(size, (3, args.img_size, args.img_size), 1000, tf, random_offset=seed)
-        return make(args.train_size, 0, train_tf), make(args.val_size, 10 ** 6, val_tf), 1000
+        return make(args.train_size, 0, train_tf), make(args.val_size, 10 ** 6, val_tf), imagenet_classes()
     root = args.data or "./data"
     if args.dataset == "imagenette":
         url = datasets.Imagenette._ARCHIVES["320px"][0]
@@ -300,11 +307,19 @@ def build_datasets(args):
         make = lambda split, tf: lambda download: datasets.Imagenette(
             root, split, "320px", download=download and not os.path.isdir(os.path.join(root, "imagenette2-320")),
             transform=tf)
-        return download(make("train", train_tf), url, placement), make("val", val_tf)(False), 10
+        train = download(make("train", train_tf), url, placement)
+        return train, make("val", val_tf)(False), [names[0] for names in train.classes]  # (name, synonyms...)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     placement = f"extract it into {root}, so that {root}/{cifar.base_folder} exists"
     train = download(lambda download: cifar(root, True, train_tf, download=download), cifar.url, placement)
-    return train, cifar(root, False, val_tf), len(train.classes)
+    return train, cifar(root, False, val_tf), train.classes
+
+
+def imagenet_classes():
+    """The 1000 ImageNet class names, as torchvision ships them (no download)."""
+    from torchvision.models import ResNet50_Weights
+
+    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
 class RepeatedAugSampler(Sampler):
@@ -453,6 +468,27 @@ def describe(config):
 # ------------------------------------------------------------------------------------------------
 
 
+def show_pocas(model, args, classes, device):
+    """Draw each image's POCA maps (noah.show_pocas), prepared as for evaluation, into --checkpoint."""
+    from PIL import Image
+
+    if not args.use_noah:
+        raise UserError("--show-pocas needs a model with the NOAH head: add --use_noah")
+    transform, mean_std = build_transforms(args, train=False), NORMALIZATIONS[args.normalize]
+    os.makedirs(args.checkpoint, exist_ok=True)
+    paths = []
+    for image_path in args.show_pocas:
+        try:
+            image = transform(Image.open(image_path).convert("RGB")).to(device)
+        except OSError as e:
+            raise UserError(f"cannot read the image {image_path}: {e}") from None
+        figure = noah.show_pocas(model, image, classes, args.top_k, *mean_std)
+        paths.append(os.path.join(args.checkpoint, f"pocas_{os.path.splitext(os.path.basename(image_path))[0]}.png"))
+        figure.savefig(paths[-1], dpi=110)
+        print(f"{image_path} -> {paths[-1]}")
+    return paths
+
+
 def reseed(seed, epoch, rank):
     """Fix the random numbers of an epoch on a process (dropout, MixUp) from (seed, epoch, rank): a resumed
     run replays them."""
@@ -506,8 +542,8 @@ def plot_curves(log, path):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.evaluate and not args.resume:
-        raise UserError("--evaluate needs --resume PATH: the checkpoint to evaluate")
+    if (args.evaluate or args.show_pocas) and not args.resume:
+        raise UserError(f"{'--evaluate' if args.evaluate else '--show-pocas'} needs --resume PATH: the checkpoint to use")
 
     # processes: one, or one per GPU (or CPU slot) under torchrun
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -537,7 +573,11 @@ def main(argv=None):
     if args.manualSeed is None:
         args.manualSeed = random.randint(1, 10000)
     torch.manual_seed(args.manualSeed)  # the initial weights (DDP copies rank 0's to the others)
-    train_set, val_set, num_classes = build_datasets(args)
+    if args.show_pocas:  # no data needed: the classes are the checkpoint's, or ImageNet's
+        classes = checkpoint.get("classes") or imagenet_classes()
+    else:
+        train_set, val_set, classes = build_datasets(args)
+    num_classes = len(classes)
     try:
         model = noah.create_model(
             args.arch, num_classes, head="noah" if args.use_noah else "gap", head_num=args.head_num if args.use_noah else None,
@@ -579,6 +619,8 @@ def main(argv=None):
     log_print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
               f"{world} process(es) on {device.type}")
 
+    if args.show_pocas:
+        return show_pocas(model, args, classes, device)
     train_loader, val_loader = build_loaders(args, train_set, val_set, world, rank, pin=device.type == "cuda")
     if args.evaluate:
         result = evaluate(net, val_loader, device, autocast, world, master)
@@ -670,7 +712,7 @@ def main(argv=None):
             record["ema_val_top1"] = evaluate(ema, val_loader, device, autocast, world, False)["top1"]
         best_acc = max(best_acc, result["top1"])
         if master:
-            state = dict(epoch=epoch + 1, arch=args.arch, config=config, state_dict=model.state_dict(),
+            state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, state_dict=model.state_dict(),
                          acc=result["top1"], best_acc=best_acc, optimizer=optimizer.state_dict(),
                          scaler=scaler.state_dict(), args=vars(args))
             if ema is not None:

@@ -1,0 +1,133 @@
+"""Seeing the POCAs: maps for CNN and token backbones, drawing them, the pointing game on a briefly trained
+model, train.py --show-pocas, and the notebooks run top to bottom."""
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+
+import noah
+import train
+from helpers import build, run, small_run
+
+matplotlib.use("Agg")
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+@pytest.mark.parametrize("name, size, img_size", [("resnet18", 96, None), ("deit_tiny_patch16_224", 64, None),
+                                                  ("gmlp_ti16_224", 64, 64), ("pvt_tiny", 128, None)])
+def test_poca_maps_of_cnn_and_token_backbones(name, size, img_size):
+    model = build(name, num_classes=5, img_size=img_size).train()
+    images = torch.randn(2, 3, size, size)
+    maps, classes, logits = noah.poca_maps(model, images)
+    N = model.head.head_num
+    assert model.training  # put back as it was
+    assert maps.shape == (2, N, size, size) and torch.equal(classes, logits.argmax(dim=1))
+    grid_maps, _, _ = noah.poca_maps(model, images, upsample=False)
+    with torch.no_grad():
+        expected = model.eval().head.attention_maps(model.forward_features(images))[torch.arange(2), :, classes]
+    torch.testing.assert_close(grid_maps, expected)
+    torch.testing.assert_close(grid_maps.sum(dim=(-2, -1)), torch.ones(2, N))
+    chosen, chosen_classes, _ = noah.poca_maps(model, images, classes=torch.tensor([1, 4]), upsample=False)
+    assert chosen_classes.tolist() == [1, 4]
+    with torch.no_grad():
+        all_maps = model.head.attention_maps(model.forward_features(images))
+    torch.testing.assert_close(chosen, torch.stack([all_maps[0, :, 1], all_maps[1, :, 4]]))
+
+
+def test_poca_maps_need_the_noah_head():
+    with pytest.raises(ValueError, match="POCA maps come from the NOAH head; this model has the standard head"):
+        noah.poca_maps(build("resnet18", "gap"), torch.randn(1, 3, 64, 64))
+
+
+@pytest.mark.parametrize("name, size", [("mobilenetv2_035", 96), ("deit_tiny_patch16_224", 64)])
+def test_show_pocas_draws_a_row_per_class_and_a_column_per_head(name, size):
+    model = build(name, num_classes=5)
+    names = ["ant", "bee", "cat", "dog", "eel"]
+    figure = noah.show_pocas(model, torch.randn(3, size, size), names, top_k=2)
+    N = model.head.head_num
+    axes = figure.axes
+    assert len(axes) == 2 * (N + 1)
+    _, _, logits = noah.poca_maps(model, torch.randn(1, 3, size, size))  # any input: check the title's form
+    first = axes[0].get_title()
+    assert first.split(" (")[0] in names and "%)" in first and f"sum of {N} heads" in first
+    assert [ax.get_title() for ax in axes[1:N + 1]] == [f"head {n}" for n in range(1, N + 1)]
+    matplotlib.pyplot.close(figure)
+
+
+def test_pointing_game_points_at_the_centre_of_the_peak_cell():
+    maps = torch.zeros(3, 2, 3)  # a 2 x 3 grid over a 64 x 96 image: cells of 32 x 32, centres at x 16/48/80, y 16/48
+    maps[0, 0, 2] = 1  # peak at (x 80, y 16)
+    maps[1, 1, 0] = 1  # (x 16, y 48)
+    maps[2, 1, 1] = 1  # (x 48, y 48)
+    boxes = torch.tensor([[70.0, 10, 90, 20], [20.0, 40, 30, 60], [47.0, 47, 49, 49]])
+    assert noah.pointing_game(maps, boxes, (64, 96)).tolist() == [True, False, True]
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory):
+    """The notebooks' model, trained as `python train.py --preset shapes` does: a NOAH MobileNetV3-Small on
+    128-pixel shapes, 4 epochs of 5,000 images (about 2.5 minutes on 2 CPU cores)."""
+    folder = tmp_path_factory.mktemp("shapes")
+    train.main(["--preset", "shapes", "--checkpoint", str(folder)])
+    checkpoint = noah.read_checkpoint(folder / "checkpoint.pth.tar")
+    model = noah.create_model("mobilenetv3_small", num_classes=len(checkpoint["classes"]))
+    return noah.load_checkpoint(model, checkpoint).eval()
+
+
+def test_pointing_game_of_a_briefly_trained_model_is_well_above_chance(shapes_model):
+    args = train.parse_args(["--preset", "shapes"])
+    validation = train.Shapes(300, 128, seed=1, transform=train.build_transforms(args, train=False))
+    images = torch.stack([validation[i][0] for i in range(300)])
+    labels = torch.tensor([validation.sample(i)[1] for i in range(300)])
+    boxes = torch.stack([validation.sample(i)[2] for i in range(300)])
+    maps, predicted, _ = noah.poca_maps(shapes_model, images, upsample=False)
+    hits = noah.pointing_game(maps.sum(dim=1), boxes, (128, 128)).float().mean().item()
+    random_point = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 128 ** 2).mean().item()
+    centre = noah.pointing_game(torch.ones(300, 1, 1), boxes, (128, 128)).float().mean().item()
+    assert (predicted == labels).float().mean() > 0.8
+    assert hits >= 3 * random_point, (hits, random_point)
+    assert hits >= centre + 0.1, (hits, centre)
+
+
+def test_train_shows_the_pocas_of_a_checkpoint(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path))
+    picture = next((image_folder / "val" / "plum").iterdir())
+    done = run(small_run(image_folder, tmp_path / "maps", "--resume", tmp_path / "checkpoint.pth.tar",
+                         "--show-pocas", picture, "--top-k", 2))
+    written = tmp_path / "maps" / f"pocas_{picture.stem}.png"
+    assert f"{picture} -> {written}" in done.stdout and written.read_bytes()[:4] == b"\x89PNG"
+    done = run(small_run(image_folder, tmp_path, "--no-use_noah", "--show-pocas", picture, "--resume",
+                         tmp_path / "checkpoint.pth.tar"), check=False)
+    assert done.returncode == 1 and "holds resnet18 with NOAH" in done.stderr
+
+
+@pytest.fixture(scope="module")
+def notebook_runs(tmp_path_factory, monkeypatch_module):
+    runs = tmp_path_factory.mktemp("notebook_runs")
+    monkeypatch_module.setenv("NOAH_NOTEBOOK_FAST", "1")  # the same cells on tiny training runs
+    monkeypatch_module.setenv("NOAH_RUNS", str(runs))
+    return runs
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+@pytest.mark.parametrize("notebook, expected", [
+    ("01_noah_head.ipynb", ["the same as the module's: True", "grouped-convolution form gives the same logits: True",
+                            "uniform-attention NOAH equals GAP + a linear layer: True", "resnet50 "]),
+    ("02_quick_training.ipynb", ["NOAH      best validation top-1", "GAP + FC  best validation top-1"]),
+    ("03_poca_maps.ipynb", ["pointing game: NOAH", "in its own tile"]),
+])
+def test_notebook_runs_top_to_bottom(notebook, expected, notebook_runs):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(NOTEBOOKS / notebook, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
+    printed = "".join(out.get("text", "") for cell in nb.cells for out in cell.get("outputs", []))
+    assert all(text in printed for text in expected), printed[-2000:]
+    assert "False" not in printed
