@@ -33,11 +33,12 @@ from torch import nn
 
 
 class HeadwiseLinear(nn.Module):
-    """N independent linear maps, one per head, applied at every position: (B, N, D, L) -> (B, N, K, L).
+    """N independent linear maps, one per head, applied at every position: (N, D, M) -> (N, K, M).
 
     This is a 1x1 convolution with `groups=N` (the original repository writes it that way); keeping
-    the weight as (N, K, D) makes the per-head structure visible. Initialized like that convolution:
-    Kaiming normal in fan-out mode, std = sqrt(2 / (N * K)), zero bias.
+    the weight as (N, K, D) makes the per-head structure visible, and with the M = B*L positions of
+    the whole batch laid out last it is one batched matrix product, bias added in the same call.
+    Initialized like that convolution: Kaiming normal in fan-out mode, std = sqrt(2 / (N * K)), zero bias.
     """
 
     def __init__(self, heads, in_dim, out_dim):
@@ -46,7 +47,8 @@ class HeadwiseLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(heads, out_dim))
 
     def forward(self, x):
-        return einsum(x, self.weight, "b n d l, n k d -> b n k l") + rearrange(self.bias, "n k -> n k 1")
+        # (N, K, 1) + (N, K, D) @ (N, D, M) -> (N, K, M)
+        return torch.baddbmm(rearrange(self.bias, "n k -> n k 1"), self.weight, x)
 
 
 class NOAH(nn.Module):
@@ -70,6 +72,14 @@ class NOAH(nn.Module):
     A GAP + FC head weighs every position equally (A = 1/L everywhere) and shares that weighting
     among all classes; NOAH learns a separate weighting per class and head. It has K * C + 2 * N * K
     parameters against GAP + FC's K * C + K: (2N - 1) * K more, 7,000 for N = 4 and 1000 classes.
+
+    Layout. The formula reads naturally in (B, N, K, L), but the code keeps the heads first and the
+    positions of the whole batch last: keys (N, Ck/N, B*L), scores (N, K, B*L). Each projection is then
+    one batched matrix product over the heads with its bias fused in, nothing is permuted after the
+    split, and softmax and sum run over the contiguous last axis. The (N, K, B, L) tensors are the
+    head's whole cost, so this matters: on ResNet50's 2048x7x7 map with 1000 classes, forward +
+    backward takes 0.6x the time of the (B, N, K, L) einsum version and 0.45x that of grouped 1x1
+    convolutions (bench.py, section 2). `attention_maps` returns the usual (B, N, K, H, W).
     """
 
     def __init__(self, in_channels, num_classes, head_num=4, key_ratio=0.5, dropout=0.0):
@@ -90,26 +100,25 @@ class NOAH(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def split(self, x):
-        """(B, C, H, W) -> keys (B, N, Ck/N, L), values (B, N, Cv/N, L)."""
-        keys, values = x[:, : self.key_channels], x[:, self.key_channels:]
-        keys = rearrange(keys, "b (n d) h w -> b n d (h w)", n=self.head_num)
-        values = rearrange(values, "b (n d) h w -> b n d (h w)", n=self.head_num)
-        return keys, values
+        """(B, C, H, W) -> keys (N, Ck/N, B*L), values (N, Cv/N, B*L): heads first, positions last."""
+        to_heads = lambda part: rearrange(part, "b (n d) h w -> n d (b h w)", n=self.head_num)
+        return to_heads(x[:, : self.key_channels]), to_heads(x[:, self.key_channels:])
 
-    def pocas(self, keys):
-        """Keys (B, N, Ck/N, L) -> POCAs (B, N, K, L): per head and class, a softmax over positions."""
-        return self.query(keys).softmax(dim=-1)
+    def pocas(self, keys, batch):
+        """Keys (N, Ck/N, B*L) -> POCAs (N, K, B, L): per head, class and image, a softmax over positions."""
+        return rearrange(self.query(keys), "n k (b l) -> n k b l", b=batch).softmax(dim=-1)
 
     def forward(self, x):
+        batch = x.shape[0]
         keys, values = self.split(x)
-        attention = self.pocas(keys)  # (B, N, K, L)
-        values = self.dropout(self.value(values))  # (B, N, K, L)
-        return einsum(attention, values, "b n k l, b n k l -> b k")
+        attention = self.pocas(keys, batch)  # (N, K, B, L)
+        values = rearrange(self.dropout(self.value(values)), "n k (b l) -> n k b l", b=batch)  # (N, K, B, L)
+        return reduce(attention * values, "n k b l -> b k", "sum")
 
     def attention_maps(self, x):
         """The POCA maps themselves, from the same split and projection as forward: (B, N, K, H, W)."""
         keys, _ = self.split(x)
-        return rearrange(self.pocas(keys), "b n k (h w) -> b n k h w", h=x.shape[-2])
+        return rearrange(self.pocas(keys, x.shape[0]), "n k b (h w) -> b n k h w", h=x.shape[-2])
 
 
 def check_head_num(head_num, key_channels, value_channels):

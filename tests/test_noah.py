@@ -1,4 +1,5 @@
 """The NOAH head and the CNN backbones: parameter counts, shapes, the formula, gradients, errors."""
+import copy
 import math
 from pathlib import Path
 
@@ -102,17 +103,23 @@ def test_head_matches_the_formula_written_as_loops(channels, classes, head_num, 
         torch.testing.assert_close(head.attention_maps(x).double(), expected_maps, rtol=1e-5, atol=1e-6)
 
 
-def test_head_matches_the_original_grouped_convolution_form():
-    """The original writes the projections as grouped 1x1 convolutions; same numbers, ResNet50's shapes."""
-    head = model("resnet50").head.eval()
-    x = torch.randn(2, 2048, 7, 7)
-    N, K, _ = head.query.weight.shape
-    x_seq = x.flatten(2).unsqueeze(2)  # (B, C, 1, L), as the original lays it out
-    conv = lambda inp, lin: F.conv2d(inp, lin.weight.reshape(N * K, -1, 1, 1), lin.bias.reshape(-1), groups=N)
-    a = torch.softmax(conv(x_seq[:, :256], head.query).reshape(2, N, K, 49), dim=3)
-    v = conv(x_seq[:, 256:], head.value).reshape(2, N, K, 49)
+@pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_100"])
+def test_head_matches_the_original_grouped_convolution_form(name):
+    """The original writes the projections as grouped 1x1 convolutions over a (B, C, 1, L) map; bench.py times
+    that form against ours, which must give the same logits and the same gradients, at ImageNet shapes."""
+    import bench
+
+    head = copy.deepcopy(model(name).head).eval()
     with torch.no_grad():
-        torch.testing.assert_close(head(x), (a * v).sum(dim=(1, 3)), rtol=1e-4, atol=1e-4)
+        for p in head.parameters():
+            p.normal_(std=0.05)  # biases too, so that a dropped bias would show
+    x = torch.randn(3, model(name).num_features, 7, 7, requires_grad=True)
+    ours, original = head(x), bench.grouped_conv_noah(head)(x)
+    torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-4)
+    upstream = torch.randn_like(ours)
+    gradients = [torch.autograd.grad(out, [x, *head.parameters()], upstream) for out in (ours, original)]
+    for a, b in zip(*gradients):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "shufflenetv2_100"])
