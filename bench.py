@@ -168,6 +168,7 @@ def grouped_conv_noah(head):
 
 
 def head_implementation(variant, batch, repeats, warmup):
+    """noah.NOAH against grouped_conv_noah on the same weights and input, forward + backward, at ImageNet shapes."""
     rows = []
     shapes = [("ResNet50's head", 2048, 4, 1 / 8), ("MobileNetV2's head", 1280, 8, 1 / 4)]
     for label, channels, heads, ratio in tqdm(shapes, desc="2. head implementation", leave=False):
@@ -200,6 +201,7 @@ TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.
 
 
 def backbones(models, variant, batch, img_size, repeats, warmup):
+    """Each noah.py backbone (GAP + FC head) against torchvision's model of the same architecture, training step."""
     rows = []
     for name in tqdm([m for m in models if m in TORCHVISION], desc="3. backbones", leave=False):
         torch.manual_seed(0)
@@ -266,7 +268,9 @@ def write_jpegs(folder, count, size=(500, 375)):
             os.path.join(folder, "train", f"class{i % 2}", f"{i}.jpg"), quality=90)
 
 
-def data_pipeline(worker_counts, variant, batch, img_size, images, training_images_per_s):
+def data_pipeline(worker_counts, variant, batch, img_size, images, model, training_images_per_s):
+    """Images per second from train.py's training loader, per number of workers, beside the training speed of
+    `model`: whichever is lower limits training."""
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, images)
@@ -284,7 +288,7 @@ def data_pipeline(worker_counts, variant, batch, img_size, images, training_imag
             seconds = time.perf_counter() - started
             rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, JPEGs 500x375 -> "
                              f"{img_size} (random resized crop, flip)", **variant.setting(batch, img_size),
-                             images_per_s=seen / seconds, model_images_per_s=training_images_per_s,
+                             images_per_s=seen / seconds, model=model, model_images_per_s=training_images_per_s,
                              limit="data" if seen / seconds < training_images_per_s else "model"))
     return rows
 
@@ -298,7 +302,7 @@ def print_table(rows):
             timing, result = f"{'':>10s} {'':>15s}", f"NOAH {r['noah_mb']:.0f} MB, GAP {r['gap_mb']:.0f} MB: x{r['ratio']:.3f}"
         elif r["section"] == "5. data":
             timing = f"{'':>10s} {'':>15s}"
-            result = f"{r['images_per_s']:.0f} img/s (model trains {r['model_images_per_s']:.0f} img/s): {r['limit']} limits"
+            result = f"{r['images_per_s']:.0f} img/s ({r['model']} trains {r['model_images_per_s']:.1f} img/s): {r['limit']} limits"
         else:
             timing = f"{r['median_ms']:10.2f} {r['p25_ms']:7.2f}-{r['p75_ms']:<7.2f}"
             other = {"1. head overhead": ("gap_ms", "GAP"), "2. head implementation": ("grouped_conv_ms", "grouped conv"),
@@ -316,6 +320,8 @@ def main():
     parser.add_argument("--batch", type=int, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default: 7 quick, 20 full)")
+    parser.add_argument("--models", nargs="+", choices=list(noah.CNN_MODELS), metavar="NAME",
+                        help="CNNs of sections 1, 3 and 4 (default: four with --quick, else all)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -323,7 +329,8 @@ def main():
         parser.error("--device cuda: no GPU is visible to PyTorch here")
     batch = args.batch or (8 if device.type == "cpu" else 128)
     repeats, warmup = args.repeats or (7 if args.quick else 20), 2 if args.quick else 5
-    models = ["resnet18", "resnet50", "mobilenetv2_100", "shufflenetv2_100"] if args.quick else list(noah.CNN_MODELS)
+    models = args.models or (["resnet18", "resnet50", "mobilenetv2_100", "shufflenetv2_100"] if args.quick
+                             else list(noah.CNN_MODELS))
     variants = [Variant(device)]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -335,10 +342,11 @@ def main():
         rows += head_implementation(variant, batch * (4 if device.type == "cpu" else 2), repeats * 2, warmup)
         rows += backbones(models, variant, batch, args.img_size, repeats, warmup)
     rows += memory(models, variants[-1] if device.type == "cuda" else variants[0], batch, args.img_size)
-    resnet50 = next(r for r in rows if r["name"] == "resnet50 train step" and r["dtype"] == variants[-1].dtype
-                    and r["compile"] == variants[-1].compile)
+    trained = "resnet50" if "resnet50" in models else models[0]  # the loader is compared with its training speed
+    step = next(r for r in rows if r["name"] == f"{trained} train step" and r["dtype"] == variants[-1].dtype
+                and r["compile"] == variants[-1].compile)
     rows += data_pipeline([0, 2] if args.quick else [0, 2, 4, 8, 16], variants[-1], batch, args.img_size,
-                          160 if args.quick else 1024, batch / (resnet50["median_ms"] / 1000))
+                          160 if args.quick else 1024, trained, batch / (step["median_ms"] / 1000))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
