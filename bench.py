@@ -100,8 +100,8 @@ class Variant:
         """A training step's function: forward, cross-entropy, backward, SGD step."""
         images = torch.randn(batch, 3, img_size, img_size)
         targets = torch.randint(0, 1000, (batch,), device=self.device)
-        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
         net, images = self.prepare(model.train(), images)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
         def step():
             with self.autocast():
