@@ -67,11 +67,13 @@ def paired_ratio(numerator, denominator):
     return statistics.median(a / b for a, b in zip(numerator, denominator))
 
 
-def row(section, name, setting, times, **extra):
-    """One timed row: the median and the 25th to 75th percentiles of `times` (seconds), in milliseconds."""
+def row(section, name, setting, times, against, against_times, ratio, ratio_is, **extra):
+    """One timed comparison: the median and the 25th to 75th percentiles of `times` (seconds), in milliseconds,
+    beside the median of what it is compared with (`against`), and their ratio."""
     low, median, high = statistics.quantiles(times, n=4)
-    return dict(section=section, name=name, **setting, median_ms=1000 * median, p25_ms=1000 * low,
-                p75_ms=1000 * high, **extra)
+    return dict(section=section, name=name, **setting, median_ms=1000 * median, p25_ms=1000 * low, p75_ms=1000 * high,
+                against=against, against_ms=1000 * statistics.median(against_times), ratio=ratio, ratio_is=ratio_is,
+                **extra)
 
 
 class Variant:
@@ -144,10 +146,8 @@ def head_overhead(models, variant, batch, img_size, repeats, warmup):
             timed = interleaved([make(with_noah, batch, img_size), make(with_gap, batch, img_size)], repeats, warmup,
                                 variant.device)
             setting = variant.setting(batch, img_size)
-            rows.append(row("1. head overhead", f"{name} {kind}", setting, timed[0],
-                            gap_ms=1000 * statistics.median(timed[1]), ratio=paired_ratio(*timed),
-                            ratio_is="NOAH time / GAP + FC time",
-                            flop_ratio=flop_ratio))
+            rows.append(row("1. head overhead", f"{name} {kind}", setting, timed[0], "GAP", timed[1],
+                            paired_ratio(*timed), "NOAH time / GAP + FC time", flop_ratio=flop_ratio))
     return rows
 
 
@@ -191,8 +191,8 @@ def head_implementation(variant, batch, repeats, warmup):
             return step
         timed = interleaved([forward_backward(head), forward_backward(grouped)], repeats, warmup, variant.device)
         rows.append(row("2. head implementation", f"{label}: {channels}x7x7, N={heads}, 1000 classes, forward + backward",
-                        variant.setting(batch, 7), timed[0], grouped_conv_ms=1000 * statistics.median(timed[1]),
-                        ratio=paired_ratio(timed[1], timed[0]), ratio_is="grouped-conv time / noah.NOAH time (>1: ours faster)"))
+                        variant.setting(batch, 7), timed[0], "grouped conv", timed[1], paired_ratio(timed[1], timed[0]),
+                        "grouped-conv time / noah.NOAH time (>1: ours faster)"))
     return rows
 
 
@@ -209,8 +209,8 @@ def backbones(models, variant, batch, img_size, repeats, warmup):
         timed = interleaved([variant.train_step(ours, batch, img_size), variant.train_step(theirs, batch, img_size)],
                             repeats, warmup, variant.device)
         rows.append(row("3. backbones", f"{name} train step (GAP + FC head)", variant.setting(batch, img_size), timed[0],
-                        torchvision_ms=1000 * statistics.median(timed[1]), ratio=paired_ratio(timed[1], timed[0]),
-                        ratio_is="torchvision time / noah.py time (>= 1: ours as fast)"))
+                        "torchvision", timed[1], paired_ratio(timed[1], timed[0]),
+                        "torchvision time / noah.py time (>= 1: ours as fast)"))
     return rows
 
 
@@ -285,11 +285,11 @@ def data_pipeline(worker_counts, variant, batch, img_size, images, model, traini
             started, seen = time.perf_counter(), 0
             for batch_images, _ in batches:
                 seen += len(batch_images)
-            seconds = time.perf_counter() - started
+            elapsed = time.perf_counter() - started
             rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, JPEGs 500x375 -> "
                              f"{img_size} (random resized crop, flip)", **variant.setting(batch, img_size),
-                             images_per_s=seen / seconds, model=model, model_images_per_s=training_images_per_s,
-                             limit="data" if seen / seconds < training_images_per_s else "model"))
+                             images_per_s=seen / elapsed, model=model, model_images_per_s=training_images_per_s,
+                             limit="data" if seen / elapsed < training_images_per_s else "model"))
     return rows
 
 
@@ -305,9 +305,7 @@ def print_table(rows):
             result = f"{r['images_per_s']:.0f} img/s ({r['model']} trains {r['model_images_per_s']:.1f} img/s): {r['limit']} limits"
         else:
             timing = f"{r['median_ms']:10.2f} {r['p25_ms']:7.2f}-{r['p75_ms']:<7.2f}"
-            other = {"1. head overhead": ("gap_ms", "GAP"), "2. head implementation": ("grouped_conv_ms", "grouped conv"),
-                     "3. backbones": ("torchvision_ms", "torchvision")}[r["section"]]
-            result = f"{other[1]} {r[other[0]]:.2f} ms; ratio {r['ratio']:.3f} ({r['ratio_is']})"
+            result = f"{r['against']} {r['against_ms']:.2f} ms; ratio {r['ratio']:.3f} ({r['ratio_is']})"
             if "flop_ratio" in r:
                 result += f"; FLOPs x{r['flop_ratio']:.3f}"
         print(f"{r['section']:24s} {r['name'][:72]:72s} {setting[:44]:44s} {timing}  {result}")
