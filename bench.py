@@ -35,6 +35,8 @@ from tqdm import tqdm
 import noah
 import train
 
+CNNS = noah.list_models(("resnet", "mobilenetv2", "mobilenetv3", "shufflenetv2"))
+
 
 def seconds(step, device):
     """Wall-clock seconds of one call of `step`, waiting for the GPU to finish."""
@@ -95,7 +97,8 @@ class Variant:
         model = model.to(self.device)
         images = images.to(self.device)
         if self.channels_last:
-            model, images = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+            model = model.to(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=torch.channels_last)
         return (torch.compile(model) if self.compile else model), images
 
     def train_step(self, model, batch, img_size):
@@ -181,7 +184,7 @@ def head_implementation(variant, batch, repeats, warmup):
         with torch.no_grad(), variant.autocast():
             torch.testing.assert_close(head(x).float(), grouped(x).float(), rtol=2e-2, atol=2e-2)  # the same numbers
 
-        def forward_backward(function):
+        def forward_backward(function, x=x):
             run = torch.compile(function) if variant.compile else function
 
             def step():
@@ -190,14 +193,15 @@ def head_implementation(variant, batch, repeats, warmup):
                 out.float().sum().backward()
             return step
         timed = interleaved([forward_backward(head), forward_backward(grouped)], repeats, warmup, variant.device)
-        rows.append(row("2. head implementation", f"{label}: {channels}x7x7, N={heads}, 1000 classes, forward + backward",
-                        variant.setting(batch, 7), timed[0], "grouped conv", timed[1], paired_ratio(timed[1], timed[0]),
-                        "grouped-conv time / noah.NOAH time (>1: ours faster)"))
+        what = f"{label}: {channels}x7x7, N={heads}, 1000 classes, forward + backward"
+        rows.append(row("2. head implementation", what, variant.setting(batch, 7), timed[0], "grouped conv", timed[1],
+                        paired_ratio(timed[1], timed[0]), "grouped-conv time / noah.NOAH time (>1: ours faster)"))
     return rows
 
 
 TORCHVISION = {"resnet18": torchvision.models.resnet18, "resnet50": torchvision.models.resnet50,
-               "mobilenetv2_100": torchvision.models.mobilenet_v2, "shufflenetv2_100": torchvision.models.shufflenet_v2_x1_0}
+               "mobilenetv2_100": torchvision.models.mobilenet_v2,
+               "shufflenetv2_100": torchvision.models.shufflenet_v2_x1_0}
 
 
 def backbones(models, variant, batch, img_size, repeats, warmup):
@@ -208,8 +212,8 @@ def backbones(models, variant, batch, img_size, repeats, warmup):
         ours, theirs = noah.create_model(name, head="gap"), TORCHVISION[name]()
         timed = interleaved([variant.train_step(ours, batch, img_size), variant.train_step(theirs, batch, img_size)],
                             repeats, warmup, variant.device)
-        rows.append(row("3. backbones", f"{name} train step (GAP + FC head)", variant.setting(batch, img_size), timed[0],
-                        "torchvision", timed[1], paired_ratio(timed[1], timed[0]),
+        rows.append(row("3. backbones", f"{name} train step (GAP + FC head)", variant.setting(batch, img_size),
+                        timed[0], "torchvision", timed[1], paired_ratio(timed[1], timed[0]),
                         "torchvision time / noah.py time (>= 1: ours as fast)"))
     return rows
 
@@ -299,10 +303,12 @@ def print_table(rows):
         setting = f"{r['device']}, {r['dtype']}{', channels_last' if r['channels_last'] else ''}" \
                   f"{', compiled' if r['compile'] else ''}, batch {r['batch']}, {r['img_size']}px"
         if r["section"] == "4. memory":
-            timing, result = f"{'':>10s} {'':>15s}", f"NOAH {r['noah_mb']:.0f} MB, GAP {r['gap_mb']:.0f} MB: x{r['ratio']:.3f}"
+            timing = f"{'':>10s} {'':>15s}"
+            result = f"NOAH {r['noah_mb']:.0f} MB, GAP {r['gap_mb']:.0f} MB: x{r['ratio']:.3f}"
         elif r["section"] == "5. data":
             timing = f"{'':>10s} {'':>15s}"
-            result = f"{r['images_per_s']:.0f} img/s ({r['model']} trains {r['model_images_per_s']:.1f} img/s): {r['limit']} limits"
+            result = (f"{r['images_per_s']:.0f} img/s ({r['model']} trains {r['model_images_per_s']:.1f} img/s): "
+                      f"{r['limit']} limits")
         else:
             timing = f"{r['median_ms']:10.2f} {r['p25_ms']:7.2f}-{r['p75_ms']:<7.2f}"
             result = f"{r['against']} {r['against_ms']:.2f} ms; ratio {r['ratio']:.3f} ({r['ratio_is']})"
@@ -318,7 +324,7 @@ def main():
     parser.add_argument("--batch", type=int, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default: 7 quick, 20 full)")
-    parser.add_argument("--models", nargs="+", choices=list(noah.CNN_MODELS), metavar="NAME",
+    parser.add_argument("--models", nargs="+", choices=CNNS, metavar="NAME",
                         help="CNNs of sections 1, 3 and 4 (default: four with --quick, else all)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     args = parser.parse_args()
@@ -328,7 +334,7 @@ def main():
     batch = args.batch or (8 if device.type == "cpu" else 128)
     repeats, warmup = args.repeats or (7 if args.quick else 20), 2 if args.quick else 5
     models = args.models or (["resnet18", "resnet50", "mobilenetv2_100", "shufflenetv2_100"] if args.quick
-                             else list(noah.CNN_MODELS))
+                             else CNNS)
     variants = [Variant(device)]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

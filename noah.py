@@ -21,7 +21,9 @@ Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, 
 import argparse
 import math
 import re
+from dataclasses import dataclass
 from functools import lru_cache, partial
+from typing import Callable
 
 import torch
 from einops import einsum, rearrange, reduce
@@ -77,10 +79,8 @@ class NOAH(nn.Module):
     positions of the whole batch last: keys (N, Ck/N, B*L), scores (N, K, B*L). Each projection is then
     one batched matrix product over the heads with its bias fused in, nothing is permuted after the
     split, and softmax and sum run over the contiguous last axis. Tensors of K * N * B * L numbers are
-    the head's whole cost, so this matters: on a 2-core CPU, forward + backward is 2.0x (ResNet50's
-    head) and 1.7x (MobileNetV2's) faster than the original's grouped 1x1 convolutions (bench.py,
-    section 2), and 1.6x-2x faster than a (B, N, K, L) einsum, which mostly copied permuted tensors.
-    `attention_maps` returns the usual (B, N, K, H, W).
+    the head's whole cost, so this layout is what makes it fast (bench.py, section 2, measures it
+    against the original's grouped 1x1 convolutions). `poca_maps` returns the usual (B, N, K, H, W).
     """
 
     def __init__(self, in_channels, num_classes, head_num=4, key_ratio=0.5, dropout=0.0):
@@ -105,21 +105,21 @@ class NOAH(nn.Module):
         to_heads = lambda part: rearrange(part, "b (n d) h w -> n d (b h w)", n=self.head_num)
         return to_heads(x[:, : self.key_channels]), to_heads(x[:, self.key_channels:])
 
-    def pocas(self, keys, batch):
+    def attend(self, keys, batch):
         """Keys (N, Ck/N, B*L) -> POCAs (N, K, B, L): per head, class and image, a softmax over positions."""
         return rearrange(self.query(keys), "n k (b l) -> n k b l", b=batch).softmax(dim=-1)
 
     def forward(self, x):
         batch = x.shape[0]
         keys, values = self.split(x)
-        attention = self.pocas(keys, batch)  # (N, K, B, L)
+        attention = self.attend(keys, batch)  # (N, K, B, L)
         values = rearrange(self.dropout(self.value(values)), "n k (b l) -> n k b l", b=batch)  # (N, K, B, L)
         return reduce(attention * values, "n k b l -> b k", "sum")
 
-    def attention_maps(self, x):
-        """The POCA maps themselves, from the same split and projection as forward: (B, N, K, H, W)."""
+    def poca_maps(self, x):
+        """The POCAs as maps, from the same split and projection as forward: (B, C, H, W) -> (B, N, K, H, W)."""
         keys, _ = self.split(x)
-        return rearrange(self.pocas(keys, x.shape[0]), "n k b (h w) -> b n k h w", h=x.shape[-2])
+        return rearrange(self.attend(keys, x.shape[0]), "n k b (h w) -> b n k h w", h=x.shape[-2])
 
 
 def check_head_num(head_num, key_channels, value_channels):
@@ -411,8 +411,8 @@ class ShuffleBlock(nn.Module):
         half = out_channels // 2
         self.stride = stride
         if stride > 1:
-            self.branch1 = nn.Sequential(*conv_bn_act(in_channels, in_channels, 3, stride, groups=in_channels, act=None),
-                                         *conv_bn_act(in_channels, half))
+            depthwise = conv_bn_act(in_channels, in_channels, 3, stride, groups=in_channels, act=None)
+            self.branch1 = nn.Sequential(*depthwise, *conv_bn_act(in_channels, half))
         self.branch2 = nn.Sequential(*conv_bn_act(in_channels if stride > 1 else half, half),
                                      *conv_bn_act(half, half, 3, stride, groups=half, act=None),
                                      *conv_bn_act(half, half))
@@ -656,7 +656,8 @@ class PyramidVisionTransformer(Classifier):
             self.grids.append((grid, grid))
             extra_token = self.class_token and i == 3  # the class token joins in the last stage
             self.add_module(f"patch_embed{i + 1}", PatchEmbed(channels, dims[i], patch, norm=True))
-            self.register_parameter(f"pos_embed{i + 1}", nn.Parameter(torch.zeros(1, grid * grid + extra_token, dims[i])))
+            pos_embed = nn.Parameter(torch.zeros(1, grid * grid + extra_token, dims[i]))
+            self.register_parameter(f"pos_embed{i + 1}", pos_embed)
             self.add_module(f"pos_drop{i + 1}", nn.Dropout(drop_rate))
             self.add_module(f"block{i + 1}", nn.ModuleList(
                 TransformerBlock(dims[i], heads[i], mlp_ratios[i], sr_ratios[i], drop_rate, next(rates))
@@ -794,87 +795,147 @@ class MlpMixer(Classifier):
 # 4. The model zoo
 # ------------------------------------------------------------------------------------------------
 
-# name -> (builder, the NOAH head's defaults: heads N and key ratio r from the paper's tables,
-# dropout from the original training commands and code)
-CNN_R2 = dict(head_num=4, key_ratio=1 / 2, dropout=0.1)  # ResNet18/34
-CNN_R8 = dict(head_num=4, key_ratio=1 / 8, dropout=0.1)  # ResNet50/101/152
-MOBILE = dict(head_num=8, key_ratio=1 / 4, dropout=0.2)  # MobileNetV2, MobileNetV3-Small
-TOKENS = dict(head_num=4, key_ratio=1 / 2, dropout=0.1)  # every ViT and MLP backbone
+MEAN_STD = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),  # most models were trained with these
+            "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}  # the MLP models (timm's Inception normalization)
+TOKEN_FAMILIES = ("deit", "pvt", "mixer", "gmlp")  # the backbones with img_size, drop_rate and drop_path_rate
 
-CNN_MODELS = {
-    "resnet18": (partial(ResNet, BasicBlock, (2, 2, 2, 2)), CNN_R2),
-    "resnet34": (partial(ResNet, BasicBlock, (3, 4, 6, 3)), CNN_R2),
-    "resnet50": (partial(ResNet, Bottleneck, (3, 4, 6, 3)), CNN_R8),
-    "resnet101": (partial(ResNet, Bottleneck, (3, 4, 23, 3)), CNN_R8),
-    "resnet152": (partial(ResNet, Bottleneck, (3, 8, 36, 3)), CNN_R8),
-    "mobilenetv2_100": (partial(MobileNetV2, 1.0), MOBILE),
-    "mobilenetv2_075": (partial(MobileNetV2, 0.75), MOBILE),
-    "mobilenetv2_050": (partial(MobileNetV2, 0.5), MOBILE),
-    "mobilenetv2_035": (partial(MobileNetV2, 0.35), MOBILE),
-    "mobilenetv3_small": (MobileNetV3Small, MOBILE),
-    "shufflenetv2_100": (ShuffleNetV2, dict(head_num=8, key_ratio=1 / 4, dropout=0.0)),
-}
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """What the zoo knows of a model. `build(head=..., num_classes=..., **head and backbone settings)`;
+    `family` names its training recipe in train.py; head_num (N), key_ratio (r) and dropout are the NOAH
+    head's settings from the paper's tables and the original training commands; the rest is how the
+    original prepared its inputs for evaluation: normalization (a key of MEAN_STD), resize to
+    img_size / crop_pct then centre crop, and the resize's interpolation."""
+
+    build: Callable
+    family: str
+    head_num: int
+    key_ratio: float
+    dropout: float
+    normalize: str = "imagenet"
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+
+    @property
+    def data_config(self):
+        mean, std = MEAN_STD[self.normalize]
+        return dict(mean=mean, std=std, crop_pct=self.crop_pct, interpolation=self.interpolation)
+
+
+def cnn(build, family, head_num, key_ratio, dropout):
+    return ModelEntry(build, family, head_num, key_ratio, dropout)
+
+
+def vit(build, family):  # every ViT of the paper: N=4, r=1/2, dropout 0.1; evaluated as DeiT with bicubic resizing
+    return ModelEntry(build, family, 4, 1 / 2, 0.1, interpolation="bicubic")
+
+
+def mlp(build, family):  # every MLP of the paper: N=4, r=1/2, dropout 0.1; evaluated as in timm's MLP configs
+    return ModelEntry(build, family, 4, 1 / 2, 0.1, normalize="inception", crop_pct=0.9, interpolation="bicubic")
+
 
 PVT_TINY = dict(heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2))
-TOKEN_MODELS = {
-    "deit_tiny_patch16_224": (partial(VisionTransformer, dim=192, depth=12, heads=3), TOKENS),
-    "deit_small_patch16_224": (partial(VisionTransformer, dim=384, depth=12, heads=6), TOKENS),
-    "deit_base_patch16_224": (partial(VisionTransformer, dim=768, depth=12, heads=12), TOKENS),
-    "deit_tiny_075_patch16_224": (partial(VisionTransformer, dim=144, depth=12, heads=3), TOKENS),
-    "deit_tiny_050_patch16_224": (partial(VisionTransformer, dim=96, depth=12, heads=3), TOKENS),
-    "pvt_tiny": (partial(PyramidVisionTransformer, dims=(64, 128, 320, 512), **PVT_TINY), TOKENS),
-    "pvt_tiny_075": (partial(PyramidVisionTransformer, dims=(48, 96, 240, 384), **PVT_TINY), TOKENS),
-    "pvt_tiny_050": (partial(PyramidVisionTransformer, dims=(32, 64, 160, 256), **PVT_TINY), TOKENS),
-    "mixer_s16_224": (partial(MlpMixer, dim=512, depth=8), TOKENS),
-    "mixer_b16_224": (partial(MlpMixer, dim=768, depth=12), TOKENS),
-    "mixer_s16_075_224": (partial(MlpMixer, dim=384, depth=8), TOKENS),
-    "mixer_s16_050_224": (partial(MlpMixer, dim=256, depth=8), TOKENS),
-    "gmlp_ti16_224": (partial(MlpMixer, dim=128, depth=30, block=GatedBlock), TOKENS),
-    "gmlp_s16_224": (partial(MlpMixer, dim=256, depth=30, block=GatedBlock), TOKENS),
-    "gmlp_ti16_075_224": (partial(MlpMixer, dim=96, depth=30, block=GatedBlock), TOKENS),
-    "gmlp_ti16_050_224": (partial(MlpMixer, dim=64, depth=30, block=GatedBlock), TOKENS),
+MODELS = {
+    "resnet18": cnn(partial(ResNet, BasicBlock, (2, 2, 2, 2)), "resnet", 4, 1 / 2, 0.1),
+    "resnet34": cnn(partial(ResNet, BasicBlock, (3, 4, 6, 3)), "resnet", 4, 1 / 2, 0.1),  # not in the paper: as R18
+    "resnet50": cnn(partial(ResNet, Bottleneck, (3, 4, 6, 3)), "resnet", 4, 1 / 8, 0.1),
+    "resnet101": cnn(partial(ResNet, Bottleneck, (3, 4, 23, 3)), "resnet", 4, 1 / 8, 0.1),
+    "resnet152": cnn(partial(ResNet, Bottleneck, (3, 8, 36, 3)), "resnet", 4, 1 / 8, 0.1),
+    "mobilenetv2_100": cnn(partial(MobileNetV2, 1.0), "mobilenetv2", 8, 1 / 4, 0.2),
+    "mobilenetv2_075": cnn(partial(MobileNetV2, 0.75), "mobilenetv2", 8, 1 / 4, 0.2),
+    "mobilenetv2_050": cnn(partial(MobileNetV2, 0.5), "mobilenetv2", 8, 1 / 4, 0.2),
+    "mobilenetv2_035": cnn(partial(MobileNetV2, 0.35), "mobilenetv2", 8, 1 / 4, 0.2),
+    "mobilenetv3_small": cnn(MobileNetV3Small, "mobilenetv3", 8, 1 / 4, 0.2),
+    "shufflenetv2_100": cnn(ShuffleNetV2, "shufflenetv2", 8, 1 / 4, 0.0),
+    "deit_tiny_patch16_224": vit(partial(VisionTransformer, dim=192, depth=12, heads=3), "deit"),
+    "deit_small_patch16_224": vit(partial(VisionTransformer, dim=384, depth=12, heads=6), "deit"),
+    "deit_base_patch16_224": vit(partial(VisionTransformer, dim=768, depth=12, heads=12), "deit"),
+    "deit_tiny_075_patch16_224": vit(partial(VisionTransformer, dim=144, depth=12, heads=3), "deit"),
+    "deit_tiny_050_patch16_224": vit(partial(VisionTransformer, dim=96, depth=12, heads=3), "deit"),
+    "pvt_tiny": vit(partial(PyramidVisionTransformer, dims=(64, 128, 320, 512), **PVT_TINY), "pvt"),
+    "pvt_tiny_075": vit(partial(PyramidVisionTransformer, dims=(48, 96, 240, 384), **PVT_TINY), "pvt"),
+    "pvt_tiny_050": vit(partial(PyramidVisionTransformer, dims=(32, 64, 160, 256), **PVT_TINY), "pvt"),
+    "mixer_s16_224": mlp(partial(MlpMixer, dim=512, depth=8), "mixer"),
+    "mixer_b16_224": mlp(partial(MlpMixer, dim=768, depth=12), "mixer"),
+    "mixer_s16_075_224": mlp(partial(MlpMixer, dim=384, depth=8), "mixer"),
+    "mixer_s16_050_224": mlp(partial(MlpMixer, dim=256, depth=8), "mixer"),
+    "gmlp_ti16_224": mlp(partial(MlpMixer, dim=128, depth=30, block=GatedBlock), "gmlp"),
+    "gmlp_s16_224": mlp(partial(MlpMixer, dim=256, depth=30, block=GatedBlock), "gmlp"),
+    "gmlp_ti16_075_224": mlp(partial(MlpMixer, dim=96, depth=30, block=GatedBlock), "gmlp"),
+    "gmlp_ti16_050_224": mlp(partial(MlpMixer, dim=64, depth=30, block=GatedBlock), "gmlp"),
 }
 
-MODELS = {**CNN_MODELS, **TOKEN_MODELS}
+
+def list_models(families=None):
+    """The names `create_model` accepts, optionally only those of some families (e.g. ("resnet",))."""
+    return [name for name, entry in MODELS.items() if families is None or entry.family in families]
 
 
-def list_models():
-    """The names `create_model` accepts."""
-    return list(MODELS)
+def model_entry(name):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(MODELS)}")
+    return MODELS[name]
 
 
 def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, img_size=None,
-                 **kwargs):
-    """Build a model by name, with the NOAH head (default) or the standard head.
+                 drop_rate=None, drop_path_rate=None):
+    """Build a model by name, with the NOAH head (default) or the standard head ("gap").
 
-    head_num, key_ratio and dropout default to the paper's setting for that backbone. The standard
-    head ("gap") has no head_num or key_ratio; its dropout defaults to 0, as in the original
-    repository, whose baselines leave --dropout unused.
+    Every keyword left out or given as None takes its default. head_num, key_ratio and dropout default to
+    the paper's setting for that backbone. The standard head has no head_num or key_ratio; its dropout
+    defaults to 0, as in the original repository, whose baselines leave --dropout unused.
 
-    img_size (default 224) is the input size a token backbone is built for: its position embeddings
-    are learnt on that grid (DeiT and PVT interpolate them for other sizes), and the token-mixing
-    layers of Mixer and gMLP exist only for it. CNNs take any size and need none. Token backbones
-    also take drop_path_rate (stochastic depth) and drop_rate (dropout inside the blocks).
+    img_size (default 224) is the input size a token backbone is built for: its position embeddings are
+    learnt on that grid (DeiT and PVT interpolate them for other sizes), and the token-mixing layers of
+    Mixer and gMLP exist only for it. drop_rate (dropout inside the blocks) and drop_path_rate (stochastic
+    depth) default to 0. CNNs read any input size, so they ignore img_size; they have neither kind of
+    dropout, so a non-zero drop_rate or drop_path_rate for a CNN is refused.
+
+    The model's `data_config` says how its inputs are normalized and cropped for evaluation.
 
     >>> model = create_model("resnet50")                 # NOAH, N=4, r=1/8: 25,564,032 parameters
     >>> baseline = create_model("resnet50", head="gap")  # GAP + FC: 25,557,032 parameters
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    builder, noah_defaults = MODELS[name]
+    entry = model_entry(name)
+    head_args = head_settings(entry, head, head_num, key_ratio, dropout)
+    backbone_args = backbone_settings(name, entry, img_size, drop_rate, drop_path_rate)
+    model = entry.build(head=head, num_classes=num_classes, **head_args, **backbone_args)
+    model.data_config = entry.data_config
+    return model
+
+
+def head_settings(entry, head, head_num, key_ratio, dropout):
+    """The head's keywords: those given, the rest from the paper's setting for the backbone."""
+    if dropout is not None and not 0 <= dropout < 1:
+        raise ValueError(f"dropout={dropout} must lie in [0, 1)")
     if head == "noah":
         given = dict(head_num=head_num, key_ratio=key_ratio, dropout=dropout)
-        head_args = {key: noah_defaults[key] if value is None else value for key, value in given.items()}
-    elif head == "gap":
+        return {key: getattr(entry, key) if value is None else value for key, value in given.items()}
+    if head == "gap":
         if head_num is not None or key_ratio is not None:
             raise ValueError("head_num and key_ratio set the NOAH head; the 'gap' head has neither: "
                              "leave them unset or use head='noah'")
-        head_args = dict(dropout=0.0 if dropout is None else dropout)
-    else:
-        raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
-    if img_size is not None and name in TOKEN_MODELS:
-        kwargs["img_size"] = img_size
-    return builder(head=head, num_classes=num_classes, **head_args, **kwargs)
+        return dict(dropout=0.0 if dropout is None else dropout)
+    raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
+
+
+def backbone_settings(name, entry, img_size, drop_rate, drop_path_rate):
+    """img_size, drop_rate and drop_path_rate checked, and passed on where the backbone has them."""
+    if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
+        raise ValueError(f"img_size={img_size!r} must be an integer of at least 32 (pixels per side)")
+    rates = dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    for key, rate in rates.items():
+        if rate is not None and not 0 <= rate < 1:
+            raise ValueError(f"{key}={rate} must lie in [0, 1)")
+    if entry.family in TOKEN_FAMILIES:
+        given = dict(img_size=img_size, **rates)
+        return {key: value for key, value in given.items() if value is not None}
+    used = [f"{key}={rate}" for key, rate in rates.items() if rate]
+    if used:
+        raise ValueError(f"{name} is a CNN without dropout inside its blocks or stochastic depth, so {', '.join(used)} "
+                         f"cannot apply; those settings are for the {'/'.join(TOKEN_FAMILIES)} backbones")
+    return {}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -897,7 +958,7 @@ def poca_maps(model, images, classes=None, upsample=True):
     with torch.no_grad():
         features = model.forward_features(images)
         logits = model.head(features)
-        maps = model.head.attention_maps(features)  # (B, N, K, h, w)
+        maps = model.head.poca_maps(features)  # (B, N, K, h, w)
     model.train(training)
     if classes is None:
         classes = logits.argmax(dim=1)
@@ -922,18 +983,26 @@ def pointing_game(maps, boxes, image_size):
     return (x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)
 
 
-def show_pocas(model, image, class_names=None, top_k=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
+def denormalize(image, mean, std):
+    """A normalized image (3, H, W) back to an (H, W, 3) array in [0, 1], for matplotlib."""
+    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    return rearrange((image.detach().cpu() * std + mean).clamp(0, 1), "c h w -> h w c").numpy()
+
+
+def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None):
     """Draw what NOAH looked at in one image: a row for each of its top-k classes, titled with the class
     and its softmax score, showing the image under the sum of the heads' POCA maps, then each head's map.
 
-    image: (3, H, W), normalized with mean and std (undone for display). Returns a matplotlib Figure.
+    image: (3, H, W), normalized with mean and std (undone for display; by default the model's own,
+    from its `data_config`). Returns a matplotlib Figure.
     """
     import matplotlib.pyplot as plt
 
+    config = getattr(model, "data_config", {})  # set by create_model; ImageNet's normalization otherwise
+    picture = denormalize(image, mean or config.get("mean", MEAN_STD["imagenet"][0]),
+                          std or config.get("std", MEAN_STD["imagenet"][1]))
     _, _, logits = poca_maps(model, image[None])
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
-    picture = (image.cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
-    picture = rearrange(picture, "c h w -> h w c").numpy()
     heads = model.head.head_num
     fig, axes = plt.subplots(len(top), heads + 1, figsize=(1.9 * (heads + 1), 2.1 * len(top)), squeeze=False)
     all_maps = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top)[0].cpu()  # (top_k, N, H, W)
@@ -953,9 +1022,22 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=(0.485, 0.456, 0.40
 
 # ------------------------------------------------------------------------------------------------
 # 6. Checkpoints: this project's, the original repository's, torchvision's and timm's
+#
+# A checkpoint is read safely (`weights_only=True`), its state dict taken out of whatever holds it, and
+# every key brought into this file's layout by the conversions below, each the same weights under
+# another name or shape:
+#   - wrappers: `module.` (DataParallel, DistributedDataParallel) and `_orig_mod.` (torch.compile) in
+#     front of every key are dropped;
+#   - the standard head: `fc.` (torchvision's ResNet and ShuffleNetV2), `classifier.1.` (torchvision's
+#     MobileNetV2, the original MobileNetV3), `head.2.` (the original CNNs: pool, flatten, linear) and
+#     timm's bare `head.weight` all become `head.fc.`; the original MobileNetV3's NOAH head is `classifier.`;
+#   - the original MobileNetV3's 1280-channel conv, `features.13` (before NOAH) or `features.14` (after
+#     the standard head's pooling), is `conv_head.0` here;
+#   - DeiT's fused attention input `attn.qkv` (rows: q, then k and v) is split into `attn.q` and `attn.kv`,
+#     as PVT keeps them;
+#   - the NOAH projections, grouped 1x1 convolutions in the original, (N*K, D, 1, 1) weights and (N*K,)
+#     biases, are the same numbers in the same order as this file's (N, K, D) and (N, K).
 # ------------------------------------------------------------------------------------------------
-
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # (Distributed)DataParallel, torch.compile
 
 
 def read_checkpoint(path):
@@ -973,51 +1055,40 @@ def read_checkpoint(path):
 
 
 def read_state_dict(source):
-    """The state dict of a checkpoint (a path or a loaded dict), wrapper prefixes removed. Accepted: dicts
-    with 'state_dict' (this project, the original repository, timm) or 'model' (DeiT, PVT), and bare state
-    dicts (torchvision)."""
+    """The state dict of a checkpoint (a path or a loaded dict): under 'state_dict' (this project, the
+    original repository, timm), under 'model' (DeiT, PVT), or the whole dict (torchvision)."""
     checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
     state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("this is not a checkpoint: it holds no state dict of tensors")
-    return {strip_prefixes(key): value for key, value in state.items()}
+    return state
 
 
-def strip_prefixes(key):
-    while key.startswith(WRAPPER_PREFIXES):
-        key = key.split(".", 1)[1]
-    return key
-
-
-# Other repositories' names for the same layers: (pattern, replacement), applied in order.
-RENAMES = [
-    (r"^classifier\.1\.", "head.fc."),  # original MobileNetV3 standard head; torchvision's MobileNetV2
-    (r"^classifier\.", "head."),  # original MobileNetV3 NOAH head
-    (r"^head\.2\.", "head.fc."),  # original standard head: Sequential(pool, flatten, linear)
-    (r"^fc\.", "head.fc."),  # torchvision's ResNet and ShuffleNetV2
-    (r"^head\.(weight|bias)$", r"head.fc.\1"),  # timm's linear head
+RENAMES = [  # (pattern, replacement), in this order; the section's comment says whose names these are
+    (r"^((module|_orig_mod)\.)+", ""),
+    (r"^classifier\.1\.", "head.fc."),
+    (r"^classifier\.", "head."),
+    (r"^head\.2\.", "head.fc."),
+    (r"^fc\.", "head.fc."),
+    (r"^head\.(weight|bias)$", r"head.fc.\1"),
 ]
 
 
 def to_this_layout(state, expected):
-    """Rename and reshape another layout's keys into this file's, for the model whose state dict is
-    `expected`: the renames above; the original MobileNetV3's 1280-channel conv (features.13 with NOAH,
-    features.14 after the pooling of its standard head) to conv_head.0; DeiT's fused attn.qkv split into
-    attn.q and attn.kv (rows q | k v); and the NOAH projections' grouped-conv weights (N*K, D, 1, 1), (N*K,)
-    viewed as (N, K, D), (N, K): the same numbers in the same order."""
+    """Another layout's state dict in this file's, for the model whose state dict has the shapes `expected`."""
     converted = {}
     for key, value in state.items():
         for pattern, replacement in RENAMES:
             key = re.sub(pattern, replacement, key)
-        if "conv_head.0.weight" in expected:
+        if "conv_head.0.weight" in expected:  # the original MobileNetV3
             key = re.sub(r"^features\.1[34]\.(weight|bias)$", r"conv_head.0.\1", key)
         if key.endswith(("attn.qkv.weight", "attn.qkv.bias")):
-            dim = value.shape[0] // 3
-            converted[key.replace("qkv", "q")], converted[key.replace("qkv", "kv")] = value[:dim], value[dim:]
+            q, kv = value.split([value.shape[0] // 3, 2 * value.shape[0] // 3])
+            converted[key.replace("qkv", "q")], converted[key.replace("qkv", "kv")] = q, kv
             continue
         if re.fullmatch(r"head\.(query|value)\.(weight|bias)", key) and key in expected \
                 and value.shape != expected[key] and value.numel() == math.prod(expected[key]):
-            value = value.reshape(expected[key])
+            value = value.reshape(expected[key])  # grouped-convolution layout
         converted[key] = value
     return converted
 
@@ -1031,10 +1102,17 @@ def load_checkpoint(model, source, strict=True):
     which model the file seems to be for.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = to_this_layout(read_state_dict(source), expected)
-    check_fit(state, expected, strict)
+    state, as_stored = in_this_layout(read_state_dict(source), expected)
+    check_fit(state, expected, strict, as_stored)
     model.load_state_dict(state, strict=strict)
     return model
+
+
+def in_this_layout(state, expected):
+    """The state dict converted for the model (`to_this_layout`), and as stored: converted too but with its
+    head's weights in their own shapes, which say what the file was made for (used in error messages)."""
+    backbone = {k: shape for k, shape in expected.items() if not k.startswith("head.")}
+    return to_this_layout(state, expected), to_this_layout(state, backbone)
 
 
 def load_backbone(model, source):
@@ -1046,7 +1124,7 @@ def load_backbone(model, source):
     taken or left out the same way.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state = to_this_layout(read_state_dict(source), expected)
+    state, as_stored = in_this_layout(read_state_dict(source), expected)
     for key in [k for k in state if "pos_embed" in k and k in expected and state[k].shape != expected[k]]:
         state[key] = fit_pos_embed(state[key], model.state_dict()[key])
     for key in ("cls_token",):
@@ -1057,7 +1135,7 @@ def load_backbone(model, source):
     head_fits = set(head) == {k for k in expected if k.startswith("head.")} and all(
         v.shape == expected[k] for k, v in head.items())
     backbone = {k: v for k, v in state.items() if not k.startswith("head.")}
-    check_fit(backbone, {k: v for k, v in expected.items() if not k.startswith("head.")}, strict=True, whole=state)
+    check_fit(backbone, {k: v for k, v in expected.items() if not k.startswith("head.")}, strict=True, whole=as_stored)
     model.load_state_dict({**backbone, **(head if head_fits else {})}, strict=False)
     return head_fits
 
@@ -1101,12 +1179,18 @@ def guess_model(state):
             if head == "gap" and "head.fc.weight" in state:
                 return f"{name} with the standard head, {state['head.fc.weight'].shape[0]} classes"
             if head == "noah" and "head.query.weight" in state:
-                query, value = state["head.query.weight"], state["head.value.weight"]
-                heads = query.shape[0] if query.ndim == 3 else MODELS[name][1]["head_num"]  # else assume the paper's N
-                per_head = lambda w: w if w.ndim == 3 else w.reshape(heads, -1, w.shape[1])  # from (N*K, D, 1, 1)
-                (_, classes, key_dim), value_dim = per_head(query).shape, per_head(value).shape[-1]
-                return f"{name} with NOAH (N={heads}, r={key_dim / (key_dim + value_dim):g}), {classes} classes"
+                return f"{name} with {describe_noah_head(state, MODELS[name].head_num)}"
     return None
+
+
+def describe_noah_head(state, paper_heads):
+    """"NOAH (N=.., r=..), K classes", read off a state dict's head in this layout or the grouped-conv one."""
+    query, value = state["head.query.weight"], state["head.value.weight"]
+    per_head = query.ndim == 3  # (N, K, D); else (N*K, D, 1, 1), which does not store N: the paper's is assumed
+    heads = query.shape[0] if per_head else paper_heads
+    classes = query.shape[1] if per_head else query.shape[0] // paper_heads
+    key_dim, value_dim = (w.shape[-1] if w.ndim == 3 else w.shape[1] for w in (query, value))
+    return f"NOAH (N={heads}, r={key_dim / (key_dim + value_dim):g}), {classes} classes"
 
 
 @lru_cache(maxsize=None)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import noah
-from helpers import build as model, count
+from helpers import build, count
 
 # The original models' parameter counts (num_classes=1000, the paper's N and r): GAP + FC, NOAH.
 # ResNet34 is not in the paper's tables; its baseline is torchvision's published count.
@@ -35,32 +35,32 @@ def test_every_cnn_is_listed():
 @pytest.mark.parametrize("name", CNNS)
 def test_parameter_counts_equal_the_original_models(name):
     gap, noah_head = PARAMETER_COUNTS[name]
-    assert count(model(name, "gap")) == gap
-    assert count(model(name)) == noah_head
+    assert count(build(name, "gap")) == gap
+    assert count(build(name)) == noah_head
 
 
 @pytest.mark.parametrize("name", CNNS)
 @pytest.mark.parametrize("size", [(64, 64), (96, 160), (33, 47)])
 def test_shapes_for_any_input_size(name, size):
-    m = model(name, num_classes=10).eval()
+    m = build(name, num_classes=10).eval()
     x = torch.randn(2, 3, *size)
     grid = tuple(math.ceil(s / 32) for s in size)  # every backbone has total stride 32, 'same' padding
     with torch.no_grad():
         features = m.forward_features(x)
         assert features.shape == (2, m.num_features, *grid)
         assert m(x).shape == (2, 10)
-        assert m.head.attention_maps(features).shape == (2, m.head.head_num, 10, *grid)
-        assert model(name, "gap", num_classes=10).eval()(x).shape == (2, 10)
+        assert m.head.poca_maps(features).shape == (2, m.head.head_num, 10, *grid)
+        assert build(name, "gap", num_classes=10).eval()(x).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_100", "mobilenetv3_small", "shufflenetv2_100"])
 def test_shapes_at_imagenet_size(name):
     with torch.no_grad():
-        assert model(name).eval().forward_features(torch.randn(1, 3, 224, 224)).shape[-2:] == (7, 7)
+        assert build(name).eval().forward_features(torch.randn(1, 3, 224, 224)).shape[-2:] == (7, 7)
 
 
 def test_mobilenetv3_standard_head_pools_before_the_last_conv():
-    m = model("mobilenetv3_small", "gap").eval()
+    m = build("mobilenetv3_small", "gap").eval()
     with torch.no_grad():
         assert m.forward_features(torch.randn(1, 3, 96, 96)).shape == (1, 1280, 1, 1)
 
@@ -80,12 +80,12 @@ def noah_by_loops(head, x):
             keys = x[b, n * dk:(n + 1) * dk]  # this head's key channels
             values = x[b, Ck + n * dv:Ck + (n + 1) * dv]  # this head's value channels
             for k in range(K):
-                scores = [sum(Wq[n, k, d] * keys[d, l] for d in range(dk)) + bq[n, k] for l in range(H * W)]
+                scores = [sum(Wq[n, k, d] * keys[d, p] for d in range(dk)) + bq[n, k] for p in range(H * W)]
                 total = sum(math.exp(s) for s in scores)
-                for l in range(H * W):
-                    attention = math.exp(scores[l]) / total
-                    value = sum(Wv[n, k, d] * values[d, l] for d in range(dv)) + bv[n, k]
-                    maps[b, n, k, l] = attention
+                for p in range(H * W):  # every position
+                    attention = math.exp(scores[p]) / total
+                    value = sum(Wv[n, k, d] * values[d, p] for d in range(dv)) + bv[n, k]
+                    maps[b, n, k, p] = attention
                     logits[b, k] += attention * value
     return logits, maps.reshape(B, N, K, H, W)
 
@@ -100,7 +100,7 @@ def test_head_matches_the_formula_written_as_loops(channels, classes, head_num, 
         x = torch.randn(2, channels, 3, 4)
         expected_logits, expected_maps = noah_by_loops(head, x)
         torch.testing.assert_close(head(x).double(), expected_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(head.attention_maps(x).double(), expected_maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head.poca_maps(x).double(), expected_maps, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_100"])
@@ -109,11 +109,11 @@ def test_head_matches_the_original_grouped_convolution_form(name):
     that form against ours, which must give the same logits and the same gradients, at ImageNet shapes."""
     import bench
 
-    head = copy.deepcopy(model(name).head).eval()
+    head = copy.deepcopy(build(name).head).eval()
     with torch.no_grad():
         for p in head.parameters():
             p.normal_(std=0.05)  # biases too, so that a dropped bias would show
-    x = torch.randn(3, model(name).num_features, 7, 7, requires_grad=True)
+    x = torch.randn(3, build(name).num_features, 7, 7, requires_grad=True)
     ours, original = head(x), bench.grouped_conv_noah(head)(x)
     torch.testing.assert_close(ours, original, rtol=1e-4, atol=1e-4)
     upstream = torch.randn_like(ours)
@@ -124,9 +124,9 @@ def test_head_matches_the_original_grouped_convolution_form(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "mobilenetv2_100", "shufflenetv2_100"])
 def test_poca_maps_are_probability_maps_over_positions(name):
-    m = model(name).eval()
+    m = build(name).eval()
     with torch.no_grad():
-        maps = m.head.attention_maps(m.forward_features(torch.randn(2, 3, 96, 128)))
+        maps = m.head.poca_maps(m.forward_features(torch.randn(2, 3, 96, 128)))
     assert maps.shape == (2, m.head.head_num, 1000, 3, 4)
     assert (maps >= 0).all()
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, m.head.head_num, 1000))
@@ -140,7 +140,7 @@ def test_dropout_acts_on_the_values_only_in_training():
     assert not torch.allclose(first, head(x))  # a fresh dropout mask each call
     torch.testing.assert_close(head.eval()(x), head(x))
     with torch.no_grad():
-        torch.testing.assert_close(head.attention_maps(x).sum(dim=(-2, -1)), torch.ones(2, 2, 3))
+        torch.testing.assert_close(head.poca_maps(x).sum(dim=(-2, -1)), torch.ones(2, 2, 3))
 
 
 @pytest.mark.parametrize("head", ["noah", "gap"])
@@ -155,12 +155,12 @@ def test_gradients_reach_every_parameter(name, head):
 
 
 def test_defaults_follow_the_papers_tables():
-    for name, (n, ratio, key_channels) in {"resnet18": (4, 1 / 2, 256), "resnet50": (4, 1 / 8, 256),
-                                           "mobilenetv2_035": (8, 1 / 4, 320), "shufflenetv2_100": (8, 1 / 4, 256)}.items():
-        head = model(name).head
+    for name, (n, key_channels) in {"resnet18": (4, 256), "resnet50": (4, 256), "mobilenetv2_035": (8, 320),
+                                    "shufflenetv2_100": (8, 256)}.items():  # r = 1/2, 1/8, 1/4, 1/4
+        head = build(name).head
         assert (head.head_num, head.key_channels) == (n, key_channels)
-    assert model("resnet18").head.dropout.p == 0.1 and model("mobilenetv2_100").head.dropout.p == 0.2
-    assert model("resnet18", "gap").head.dropout.p == 0.0
+    assert build("resnet18").head.dropout.p == 0.1 and build("mobilenetv2_100").head.dropout.p == 0.2
+    assert build("resnet18", "gap").head.dropout.p == 0.0
 
 
 def test_settings_given_to_create_model_win_over_the_defaults():
@@ -198,3 +198,61 @@ def test_readme_usage_example_runs_as_written():
     exec(example, namespace)
     assert namespace["logits"].shape == (2, 1000)
     assert namespace["maps"].shape == (2, 4, 1000, 7, 7)
+
+
+# --- the model zoo: one entry per model, the same keywords for every model --------------------------------------------
+
+
+def test_every_model_has_one_entry_with_its_head_and_evaluation_settings():
+    assert all(isinstance(entry, noah.ModelEntry) for entry in noah.MODELS.values())
+    resnet50, mixer = noah.MODELS["resnet50"], noah.MODELS["mixer_s16_224"]
+    assert (resnet50.family, resnet50.head_num, resnet50.key_ratio, resnet50.dropout) == ("resnet", 4, 1 / 8, 0.1)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with torch.device("meta"):
+        assert noah.create_model("resnet50").data_config == dict(
+            mean=imagenet[0], std=imagenet[1], crop_pct=0.875, interpolation="bilinear")
+        assert noah.create_model("deit_tiny_patch16_224").data_config["interpolation"] == "bicubic"
+        assert noah.create_model("mixer_s16_224").data_config == dict(
+            mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), crop_pct=0.9, interpolation="bicubic")
+    assert mixer.family == "mixer" and noah.list_models(("gmlp",)) == [n for n in noah.MODELS if n.startswith("gmlp")]
+
+
+@pytest.mark.parametrize("name", noah.list_models())
+def test_create_model_takes_the_same_keywords_for_every_model(name):
+    with torch.device("meta"):
+        defaults = noah.create_model(name, num_classes=10)
+        unset = noah.create_model(name, num_classes=10, head_num=None, key_ratio=None, dropout=None, img_size=None,
+                                  drop_rate=None, drop_path_rate=None)
+        zero = noah.create_model(name, num_classes=10, img_size=224, drop_rate=0.0, drop_path_rate=0.0)
+    shapes = lambda model: {k: v.shape for k, v in model.state_dict().items()}
+    assert shapes(defaults) == shapes(unset) == shapes(zero)
+    assert unset.head.head_num == noah.MODELS[name].head_num and unset.head.dropout.p == noah.MODELS[name].dropout
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(name="resnet18", drop_path_rate=0.1), "resnet18 is a CNN without dropout inside its blocks or stochastic "
+                                                "depth, so drop_path_rate=0.1 cannot apply"),
+    (dict(name="mobilenetv2_100", drop_rate=0.2), "mobilenetv2_100 is a CNN"),
+    (dict(name="deit_tiny_patch16_224", img_size=0), "img_size=0 must be an integer of at least 32"),
+    (dict(name="pvt_tiny", img_size=-16), "img_size=-16 must be an integer of at least 32"),
+    (dict(name="deit_tiny_patch16_224", drop_path_rate=2.0), "drop_path_rate=2.0 must lie in [0, 1)"),
+    (dict(name="resnet18", dropout=1.5), "dropout=1.5 must lie in [0, 1)"),
+])
+def test_backbone_settings_that_cannot_apply_raise_a_clear_error(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        noah.create_model(**kwargs)
+    assert message in str(error.value)
+
+
+def test_an_unknown_keyword_is_blamed_on_create_model():
+    with pytest.raises(TypeError, match=r"create_model\(\) got an unexpected keyword argument 'drop_path'"):
+        noah.create_model("resnet18", drop_path=0.1)
+
+
+def test_denormalize_undoes_the_normalization_for_display():
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    picture = torch.rand(3, 5, 7)
+    normalized = (picture - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    shown = noah.denormalize(normalized, mean, std)
+    assert shown.shape == (5, 7, 3)
+    torch.testing.assert_close(torch.from_numpy(shown), picture.permute(1, 2, 0))

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 import noah
-from helpers import build as model, count
+from helpers import build, count
 
 # The paper's ViT and MLP tables, in millions, as printed: (standard head, NOAH).
 PRINTED = {
@@ -57,7 +57,7 @@ def test_every_token_model_is_listed():
 
 @pytest.mark.parametrize("name", TOKEN_MODELS)
 def test_parameter_counts_match_the_papers_tables(name):
-    counts = count(model(name, "gap")), count(model(name))
+    counts = count(build(name, "gap")), count(build(name))
     if name in REACHED:
         assert counts == REACHED[name]
     else:
@@ -72,7 +72,7 @@ def test_deit_base_table_figure_is_the_384_pixel_model():
 
 @pytest.mark.parametrize("name", PUBLISHED)
 def test_standard_models_have_their_published_counts(name):
-    assert count(model(name, "gap")) == PUBLISHED[name]
+    assert count(build(name, "gap")) == PUBLISHED[name]
 
 
 def small(name):
@@ -84,7 +84,7 @@ def small(name):
 @pytest.mark.parametrize("name", TOKEN_MODELS)
 @pytest.mark.parametrize("head", ["noah", "gap"])
 def test_forward_and_backward_on_a_small_input(name, head):
-    m = model(name, head, num_classes=10, img_size=small(name)).train()
+    m = build(name, head, num_classes=10, img_size=small(name)).train()
     if head == "gap" and name.startswith(("mixer", "gmlp")):
         # the MLP models start with a zero classifier, as in timm: nothing flows back through it yet
         assert not m.head.fc.weight.any()
@@ -108,24 +108,24 @@ def test_forward_and_backward_on_a_small_input(name, head):
                                               ("deit_small_patch16_224", (224, 224), (14, 14)),
                                               ("gmlp_ti16_224", (224, 224), (14, 14))])
 def test_poca_maps_of_a_token_backbone_have_the_token_grid(name, size, grid):
-    m = model(name).eval()
+    m = build(name).eval()
     with torch.no_grad():
-        maps = m.head.attention_maps(m.forward_features(torch.randn(1, 3, *size)))
+        maps = m.head.poca_maps(m.forward_features(torch.randn(1, 3, *size)))
     assert maps.shape == (1, 4, 1000, *grid)
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(1, 4, 1000))
 
 
 @pytest.mark.parametrize("name", ["deit_tiny_patch16_224", "pvt_tiny", "mixer_s16_224", "gmlp_ti16_224"])
 def test_noah_reads_all_patch_tokens_and_there_is_no_class_token(name):
-    m = model(name)
+    m = build(name)
     assert isinstance(m.head, noah.NOAH)
     assert not any("cls_token" in n for n, _ in m.named_parameters())
     if name.startswith(("deit", "pvt")):
-        assert any("cls_token" in n for n, _ in model(name, "gap").named_parameters())
+        assert any("cls_token" in n for n, _ in build(name, "gap").named_parameters())
 
 
 def test_position_embeddings_are_interpolated_for_other_sizes():
-    m = model("deit_tiny_patch16_224").eval()
+    m = build("deit_tiny_patch16_224").eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 48)).shape == (1, 1000)  # 2x3 patches from a 14x14 embedding
         resized = noah.resize_pos_embed(m.pos_embed, (14, 14), (7, 7))
@@ -141,7 +141,7 @@ def test_position_embeddings_are_interpolated_for_other_sizes():
 ])
 def test_sizes_a_model_cannot_read_raise_a_clear_error(name, size, message):
     with pytest.raises(ValueError) as error:
-        model(name)(torch.randn(1, 3, size, size))
+        build(name)(torch.randn(1, 3, size, size))
     assert message in str(error.value)
 
 
@@ -206,7 +206,7 @@ def test_mixer_token_mlp_mixes_positions_and_channel_mlp_does_not():
 
 def test_noah_on_tokens_equals_noah_on_the_sequence_laid_out_as_the_original():
     """The original hands NOAH the tokens as a (B, C, L, 1) map; our (B, C, h, w) grid gives the same logits."""
-    m = model("deit_tiny_patch16_224").eval()
+    m = build("deit_tiny_patch16_224").eval()
     with torch.no_grad():
         features = m.forward_features(torch.randn(2, 3, 224, 224))
         as_sequence = rearrange(features, "b c h w -> b c (h w) 1")
