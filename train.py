@@ -13,9 +13,10 @@ main.py`. `--preset NAME` fills in a published recipe; flags given on the comman
 Under torchrun the script trains with DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); --train-batch
 is the global batch, split evenly over the processes.
 
-A resumed run continues exactly: randomness is reseeded at every epoch from (--manualSeed, epoch, rank),
-the learning rate is a function of the epoch, and the checkpoint holds the weights, the optimizer, the
-grad scaler, the EMA weights and the arguments.
+Read `main` first: it runs the steps below in the order a run takes them. A resumed run continues exactly:
+randomness is reseeded at every epoch from (--manualSeed, epoch, rank), the learning rate is a function of
+the epoch, and the checkpoint holds the weights, the optimizer, the grad scaler, the EMA weights and the
+arguments.
 """
 import argparse
 import json
@@ -24,6 +25,7 @@ import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -34,18 +36,15 @@ from tqdm import tqdm
 import noah
 
 
-NORMALIZATIONS = {"imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "inception": ((0.5,) * 3, (0.5,) * 3)}
-
-
 class UserError(Exception):
     """A problem with the command line, the data or a file: reported in one line, without a traceback."""
 
 
 # ------------------------------------------------------------------------------------------------
-# 1. Command line and recipes
+# 1. Recipes and the command line
 # ------------------------------------------------------------------------------------------------
 
-# The original repository's recipes (its README's commands), for every width and depth of its tables.
+# The original repository's recipes (its README's commands), one per family of noah.MODELS.
 RESNET = dict(epochs=100, lr=0.1, wd=1e-4, lr_decay="schedule", schedule=[30, 60, 90], dropout=0.1)
 MOBILENETV2 = dict(epochs=150, lr=0.05, wd=4e-5, lr_decay="cos", dropout=0.2)
 MOBILENETV3 = dict(MOBILENETV2, nowd_bn=True)
@@ -54,20 +53,23 @@ SHUFFLENETV2 = dict(epochs=240, lr=0.5, wd=4e-5, train_batch=1024, lr_decay="lin
 DEIT = dict(opt="adamw", opt_eps=1e-8, lr=1e-3, wd=0.05, epochs=300, train_batch=1024, lr_decay="cos",
             warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.8, cutmix=1.0,
             randaug=9, randaug_n=2, reprob=0.25, drop_path=0.1, repeated_aug=3, model_ema=True,
-            ema_decay=0.99996, interpolation="bicubic", crop_pct=0.875, dropout=0.1)
+            ema_decay=0.99996, dropout=0.1)
 PVT = dict(DEIT, model_ema=False)
 # The MLP models' recipe (the original's mlp/configs/default_noah.yaml; 8 GPUs x 192 = 1536).
 MLP = dict(opt="adamw", opt_eps=1e-6, lr=7e-4, wd=0.067, epochs=300, train_batch=1536, lr_decay="cos",
            warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.5, cutmix=1.0,
            randaug=6, randaug_n=3, reprob=0.0, drop=0.02333, drop_path=0.1, clip_grad=1.0, model_ema=True,
-           ema_decay=0.99992, interpolation="bicubic", crop_pct=0.9, normalize="inception", dropout=0.1)
+           ema_decay=0.99992, dropout=0.1)
+RECIPES = dict(resnet=RESNET, mobilenetv2=MOBILENETV2, mobilenetv3=MOBILENETV3, shufflenetv2=SHUFFLENETV2,
+               deit=DEIT, pvt=PVT, mixer=MLP, gmlp=MLP)
 
 
-def recipe_for(arch):
-    for prefix, recipe in [("resnet", RESNET), ("mobilenetv2", MOBILENETV2), ("mobilenetv3", MOBILENETV3),
-                           ("shufflenetv2", SHUFFLENETV2), ("deit", DEIT), ("pvt", PVT), ("mixer", MLP), ("gmlp", MLP)]:
-        if arch.startswith(prefix):
-            return recipe
+def recipe_for(name):
+    family = noah.model_entry(name).family
+    if family not in RECIPES:
+        raise ValueError(f"model {name} belongs to the family {family!r}, which has no training recipe: "
+                         f"add one to train.RECIPES (known: {', '.join(RECIPES)})")
+    return RECIPES[family]
 
 
 def make_presets():
@@ -76,15 +78,15 @@ def make_presets():
     of the notebooks, whose 4x4 POCA maps (128-pixel images) are fine enough to find the objects."""
     on_shapes = dict(dataset="shapes", use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos",
                      train_batch=64, train_size=5000, workers=1, manualSeed=0)
-    presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3, checkpoint="./checkpoints/quick"),
+    presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3,
+                             checkpoint="./checkpoints/quick"),
                "shapes": dict(on_shapes, arch="mobilenetv3_small", img_size=128, epochs=4, lr=3e-3,
                               checkpoint="./checkpoints/shapes")}
-    for arch in noah.list_models():
-        recipe = dict(recipe_for(arch), arch=arch)
-        head = noah.MODELS[arch][1]
-        presets[f"noah_{arch}"] = dict(recipe, use_noah=True, head_num=head["head_num"], key_ratio=head["key_ratio"],
-                                       checkpoint=f"./checkpoints/noah_{arch}")
-        presets[arch] = dict(recipe, use_noah=False, checkpoint=f"./checkpoints/{arch}")
+    for name in noah.list_models():
+        recipe, entry = dict(recipe_for(name), arch=name), noah.MODELS[name]
+        presets[f"noah_{name}"] = dict(recipe, use_noah=True, head_num=entry.head_num, key_ratio=entry.key_ratio,
+                                       checkpoint=f"./checkpoints/noah_{name}")
+        presets[name] = dict(recipe, use_noah=False, checkpoint=f"./checkpoints/{name}")
     return presets
 
 
@@ -101,10 +103,11 @@ def get_parser():
                    help="default: imagenet when --data is given, else the quick run's shapes")
     p.add_argument("-j", "--workers", type=int, default=4, help="data loading processes per GPU/process")
     p.add_argument("--img-size", type=int, help="training resolution (default: 224; CIFAR 32; shapes 64)")
-    p.add_argument("--crop-pct", type=float, default=0.875, help="evaluation: resize to img-size / crop-pct, crop")
-    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], default="bilinear")
-    p.add_argument("--normalize", choices=list(NORMALIZATIONS), default="imagenet",
-                   help="input mean and std: ImageNet's, or 0.5 and 0.5 (the MLP models')")
+    p.add_argument("--crop-pct", type=float, help="evaluation: resize to img-size / crop-pct, then centre crop "
+                   "(default: the model's, as the original evaluated it)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
+    p.add_argument("--normalize", choices=list(noah.MEAN_STD), help="input mean and std: ImageNet's, or 0.5 and "
+                   "0.5 (default: the model's; the MLP models use 0.5)")
     p.add_argument("--train-size", type=int, default=2000, help="images per epoch of shapes / fake")
     p.add_argument("--val-size", type=int, default=500, help="validation images of shapes / fake")
     # model
@@ -127,7 +130,8 @@ def get_parser():
     p.add_argument("--opt-eps", type=float, default=1e-8, help="AdamW epsilon")
     p.add_argument("--wd", "--weight-decay", dest="wd", type=float, default=1e-4)
     p.add_argument("--nowd-bn", action="store_true", help="no weight decay on norm weights and biases")
-    p.add_argument("--lr-decay", choices=["schedule", "cos", "linear"], default="cos", help="per epoch, as the original")
+    p.add_argument("--lr-decay", choices=["schedule", "cos", "linear"], default="cos",
+                   help="per epoch, as the original")
     p.add_argument("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
     p.add_argument("--gamma", type=float, default=0.1, help="'schedule' multiplies the lr by this")
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup from --warmup-lr")
@@ -136,12 +140,14 @@ def get_parser():
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
     p.add_argument("--smoothing", type=float, default=0.0, help="label smoothing")
     p.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="CutMix alpha (0: off); with MixUp, one of the two per batch")
+    p.add_argument("--cutmix", type=float, default=0.0,
+                   help="CutMix alpha (0: off); with MixUp, one of the two per batch")
     p.add_argument("--randaug", type=int, default=0, help="RandAugment magnitude (0: off)")
     p.add_argument("--randaug-n", type=int, default=2, help="RandAugment operations per image")
     p.add_argument("--reprob", type=float, default=0.0, help="RandomErasing probability")
     p.add_argument("--repeated-aug", type=int, default=1, help="DeiT's repeated augmentation: copies per image")
-    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights")
+    p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep an EMA of the weights")
     p.add_argument("--ema-decay", type=float, default=0.9999)
     # speed
     p.add_argument("--use_amp", action="store_true", help="automatic mixed precision")
@@ -151,7 +157,8 @@ def get_parser():
     # checkpoints and evaluation
     p.add_argument("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (torchvision's, the "
                    "original repository's or this project's); its head too where it fits")
-    p.add_argument("--backbone-lr-scale", type=float, default=1.0, help="the backbone's lr, as a fraction of the head's")
+    p.add_argument("--backbone-lr-scale", type=float, default=1.0,
+                   help="the backbone's lr, as a fraction of the head's")
     p.add_argument("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves")
     p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate)")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
@@ -163,7 +170,8 @@ def get_parser():
 
 
 def parse_args(argv=None):
-    """Parse in two passes: the preset (or the quick run) sets defaults, then the command line wins."""
+    """Parse in two passes: the preset (or the quick run) sets defaults, then the command line wins.
+    What neither sets comes from the model: its evaluation transform (noah.MODELS)."""
     parser = get_parser()
     args = parser.parse_args(argv)
     preset = args.preset or (None if args.data or args.dataset else "quick")
@@ -173,6 +181,10 @@ def parse_args(argv=None):
         args.preset = preset
     args.dataset = args.dataset or "imagenet"
     args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
+    entry = noah.MODELS[args.arch]
+    args.normalize = args.normalize or entry.normalize
+    args.crop_pct = args.crop_pct or entry.crop_pct
+    args.interpolation = args.interpolation or entry.interpolation
     return args
 
 
@@ -233,21 +245,35 @@ class Shapes(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-def build_transforms(args, train):
-    """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
-    CIFAR's pad-and-crop; a flip for the synthetic sets. To evaluate: resize and centre crop (to img-size /
-    crop-pct first for photos; for the other sets, whose images come at the model's size, that is the
-    identity, and any other picture is fitted whole)."""
+def eval_transform(img_size, crop_pct=0.875, interpolation="bilinear", mean=noah.MEAN_STD["imagenet"][0],
+                   std=noah.MEAN_STD["imagenet"][1]):
+    """A picture as a model sees it in evaluation: resized to img_size / crop_pct, centre-cropped to
+    img_size, normalized. `eval_transform(size, **model.data_config)` prepares it as its model expects."""
     from torchvision.transforms import v2
 
-    interpolation = v2.InterpolationMode(args.interpolation)
-    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(*NORMALIZATIONS[args.normalize])]
+    resize = v2.Resize(int(img_size / crop_pct), v2.InterpolationMode(interpolation))
+    return v2.Compose([resize, v2.CenterCrop(img_size), *to_normalized_tensor(mean, std)])
+
+
+def to_normalized_tensor(mean, std):
+    from torchvision.transforms import v2
+
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+
+
+def build_transforms(args, train):
+    """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
+    CIFAR's pad-and-crop; a flip for the synthetic sets. To evaluate: `eval_transform` (for the sets other
+    than photos, whose images come at the model's size, without the crop margin: that is the identity, and
+    any other picture is fitted whole)."""
+    from torchvision.transforms import v2
+
+    interpolation, mean_std = v2.InterpolationMode(args.interpolation), noah.MEAN_STD[args.normalize]
     photos = args.dataset in ("imagenet", "folder", "imagenette")
     if not train:
-        resize = int(args.img_size / args.crop_pct) if photos else args.img_size
-        return v2.Compose([v2.Resize(resize, interpolation), v2.CenterCrop(args.img_size)] + to_tensor)
+        return eval_transform(args.img_size, args.crop_pct if photos else 1.0, args.interpolation, *mean_std)
     if args.dataset in ("shapes", "fake"):
-        return v2.Compose([v2.RandomHorizontalFlip()] + to_tensor)
+        return v2.Compose([v2.RandomHorizontalFlip(), *to_normalized_tensor(*mean_std)])
     if args.dataset.startswith("cifar"):
         crop = [v2.Resize(args.img_size, interpolation)] * (args.img_size != 32)
         crop += [v2.RandomCrop(args.img_size, padding=args.img_size // 8)]
@@ -255,7 +281,7 @@ def build_transforms(args, train):
         crop = [v2.RandomResizedCrop(args.img_size, interpolation=interpolation)]
     augment = [v2.RandAugment(args.randaug_n, args.randaug, interpolation=interpolation)] if args.randaug else []
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob else []
-    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_tensor + erase)
+    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_normalized_tensor(*mean_std) + erase)
 
 
 def image_folder(root, transform):
@@ -298,7 +324,8 @@ def build_datasets(args):
         train = Shapes(args.train_size, args.img_size, seed=0, transform=train_tf)
         return train, Shapes(args.val_size, args.img_size, seed=1, transform=val_tf), list(Shapes.classes)
     if args.dataset == "fake":
-        make = lambda size, seed, tf: datasets.FakeData(size, (3, args.img_size, args.img_size), 1000, tf, random_offset=seed)
+        shape = (3, args.img_size, args.img_size)
+        make = lambda size, seed, tf: datasets.FakeData(size, shape, 1000, tf, random_offset=seed)
         return make(args.train_size, 0, train_tf), make(args.val_size, 10 ** 6, val_tf), imagenet_classes()
     root = args.data or "./data"
     if args.dataset == "imagenette":
@@ -327,7 +354,8 @@ class RepeatedAugSampler(Sampler):
     processes, each time with its own augmentation. Every process still sees len(dataset) / world images."""
 
     def __init__(self, dataset, world, rank, repeats, seed):
-        self.dataset, self.world, self.rank, self.repeats, self.seed, self.epoch = dataset, world, rank, repeats, seed, 0
+        self.dataset, self.world, self.rank, self.repeats, self.seed = dataset, world, rank, repeats, seed
+        self.epoch = 0
         self.per_process = len(dataset) // world
 
     def set_epoch(self, epoch):
@@ -377,7 +405,8 @@ class SeededSampler(Sampler):
         self.sampler.set_epoch(epoch)
 
     def __iter__(self):
-        return ((index, mix_seed(self.seed, self.epoch, self.rank, position)) for position, index in enumerate(self.sampler))
+        for position, index in enumerate(self.sampler):
+            yield index, mix_seed(self.seed, self.epoch, self.rank, position)
 
     def __len__(self):
         return len(self.sampler)
@@ -429,64 +458,29 @@ def param_groups(model, weight_decay, nowd_bn, backbone_lr_scale=1.0):
             for (decay, scale), params in groups.items()]
 
 
-def build_batch_mixer(args, num_classes):
+def build_optimizer(model, args, device):
+    """What a training step updates besides the weights: the optimizer (SGD with momentum or AdamW over
+    `param_groups`), the grad scaler of float16 autocast, and the EMA of the weights (or None)."""
+    groups = param_groups(model, args.wd, args.nowd_bn, args.backbone_lr_scale)
+    if args.opt == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and args.amp_dtype == "float16")
+    ema = None
+    if args.model_ema:
+        average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay)
+        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    return optimizer, scaler, ema
+
+
+def build_mixup_cutmix(args, num_classes):
     """MixUp and/or CutMix on whole batches (one of the two per batch when both are on), or None."""
     from torchvision.transforms import v2
 
-    mixers = [m(alpha=a, num_classes=num_classes) for m, a in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if a > 0]
-    return v2.RandomChoice(mixers) if mixers else None
-
-
-# ------------------------------------------------------------------------------------------------
-# 4. Checkpoints
-# ------------------------------------------------------------------------------------------------
-
-
-def save_atomically(state, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def read_checkpoint(path):
-    if not os.path.isfile(path):
-        raise UserError(f"no checkpoint file {path}")
-    try:
-        return noah.read_checkpoint(path)  # safely: weights_only
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def describe(config):
-    head = f"NOAH (N={config['head_num']}, r={config['key_ratio']})" if config["use_noah"] else "the standard head"
-    return f"{config['arch']} with {head}"
-
-
-# ------------------------------------------------------------------------------------------------
-# 5. Training and evaluation
-# ------------------------------------------------------------------------------------------------
-
-
-def show_pocas(model, args, classes, device):
-    """Draw each image's POCA maps (noah.show_pocas), prepared as for evaluation, into --checkpoint."""
-    from PIL import Image
-
-    if not args.use_noah:
-        raise UserError("--show-pocas needs a model with the NOAH head: add --use_noah")
-    transform, mean_std = build_transforms(args, train=False), NORMALIZATIONS[args.normalize]
-    os.makedirs(args.checkpoint, exist_ok=True)
-    paths = []
-    for image_path in args.show_pocas:
-        try:
-            image = transform(Image.open(image_path).convert("RGB")).to(device)
-        except OSError as e:
-            raise UserError(f"cannot read the image {image_path}: {e}") from None
-        figure = noah.show_pocas(model, image, classes, args.top_k, *mean_std)
-        paths.append(os.path.join(args.checkpoint, f"pocas_{os.path.splitext(os.path.basename(image_path))[0]}.png"))
-        figure.savefig(paths[-1], dpi=110)
-        print(f"{image_path} -> {paths[-1]}")
-    return paths
+    chosen = [mix(alpha=alpha, num_classes=num_classes)
+              for mix, alpha in ((v2.MixUp, args.mixup), (v2.CutMix, args.cutmix)) if alpha > 0]
+    return v2.RandomChoice(chosen) if chosen else None
 
 
 def reseed(seed, epoch, rank):
@@ -496,22 +490,161 @@ def reseed(seed, epoch, rank):
     torch.manual_seed(mix_seed(seed, epoch, rank))
 
 
-def evaluate(model, loader, device, autocast, world, progress):
-    """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once."""
-    model.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss sum, top-1 hits, top-5 hits, images
-    with torch.no_grad():
-        for images, targets in tqdm(loader, desc="  eval", leave=False, disable=not progress):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast:
-                logits = model(images)
-            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
-            totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
-                                   top5.any(dim=1).sum(), torch.tensor(len(targets), device=device)]).double()
-    if world > 1:
-        dist.all_reduce(totals)
-    loss, top1, top5, n = totals.tolist()
-    return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n))
+# ------------------------------------------------------------------------------------------------
+# 4. Processes, models and checkpoints
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Processes:
+    """Who this process is: the only one, or one of `world` under torchrun, with its device and its
+    autocast context (a no-op without --use_amp)."""
+
+    distributed: bool
+    world: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    autocast: torch.autocast
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def print(self, *args, **kwargs):
+        if self.is_main:
+            print(*args, **kwargs)
+
+
+def setup_processes(args):
+    """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    world = int(os.environ["WORLD_SIZE"]) if distributed else 1
+    rank = int(os.environ["RANK"]) if distributed else 0
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    else:
+        device = torch.device("cpu")
+    if args.train_batch % world and not (args.evaluate or args.show_pocas):
+        raise UserError(f"--train-batch {args.train_batch} is the global batch and must split evenly over "
+                        f"{world} processes; use a multiple of {world}")
+    if distributed:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    autocast = torch.autocast(device.type, getattr(torch, args.amp_dtype), enabled=args.use_amp)
+    return Processes(distributed, world, rank, local_rank, device, autocast)
+
+
+def describe(config):
+    head = f"NOAH (N={config['head_num']}, r={config['key_ratio']})" if config["use_noah"] else "the standard head"
+    return f"{config['arch']} with {head}"
+
+
+def build_model(args, num_classes, checkpoint, procs):
+    """The model the flags ask for (-> model, its config as checkpoints record it), with the weights of
+    --pretrained-backbone and then of --resume, on its device."""
+    head_args = dict(head_num=args.head_num, key_ratio=args.key_ratio, dropout=args.dropout) if args.use_noah else {}
+    try:
+        model = noah.create_model(args.arch, num_classes, head="noah" if args.use_noah else "gap", **head_args,
+                                  img_size=args.img_size, drop_rate=args.drop, drop_path_rate=args.drop_path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    config = dict(arch=args.arch, use_noah=args.use_noah, head_num=None, key_ratio=None)
+    if args.use_noah:
+        config.update(head_num=model.head.head_num, key_ratio=args.key_ratio or noah.MODELS[args.arch].key_ratio)
+    if args.pretrained_backbone:
+        try:
+            head_loaded = noah.load_backbone(model, args.pretrained_backbone)
+        except (ValueError, FileNotFoundError) as e:
+            raise UserError(f"{args.pretrained_backbone} cannot give {describe(config)} its backbone: {e}") from None
+        procs.print(f"backbone loaded from {args.pretrained_backbone}; "
+                    + ("its head fits and is loaded too" if head_loaded else "the head starts new"))
+    if checkpoint is not None:
+        saved = checkpoint.get("config")
+        if saved and (saved["arch"], saved["use_noah"]) != (config["arch"], config["use_noah"]):
+            raise UserError(f"{args.resume} holds {describe(saved)}, but this run builds {describe(config)}; "
+                            f"give the matching --arch and --use_noah / --no-use_noah")
+        try:
+            noah.load_checkpoint(model, checkpoint)
+        except ValueError as e:
+            raise UserError(f"{args.resume} does not fit {describe(config)}: {e}") from None
+    model.to(procs.device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model, config
+
+
+def wrap_model(model, args, procs):
+    """What runs the batches: the model itself, compiled (--compile) and/or wrapped for DDP. The
+    wrappers share the model's parameters, so the optimizer and checkpoints use `model` directly."""
+    net = torch.compile(model) if args.compile else model
+    if procs.distributed:
+        devices = [procs.local_rank] if procs.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=devices)
+    return net
+
+
+def read_checkpoint_file(path):
+    """noah.read_checkpoint (safe: weights only), its errors as one line for the user."""
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint file {path}")
+    try:
+        return noah.read_checkpoint(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
+    """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far. A file of
+    another program only gave its weights (in build_model): the run starts at epoch 1."""
+    if checkpoint is None:
+        return 0, 0.0, []
+    if "config" not in checkpoint:
+        procs.print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
+        return 0, 0.0, []
+    args.checkpoint = os.path.dirname(args.resume) or "."  # the original keeps writing beside the resumed file
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as e:
+        raise UserError(f"{args.resume}: its optimizer state does not fit this run ({e})") from None
+    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    if ema is not None and "ema" in checkpoint:
+        ema.load_state_dict(checkpoint["ema"])
+    start_epoch, log_path = checkpoint["epoch"], os.path.join(args.checkpoint, "log.jsonl")
+    log = []
+    if procs.is_main and os.path.exists(log_path):
+        log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
+    return start_epoch, float(checkpoint["best_acc"]), log
+
+
+def save_atomically(state, path):
+    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(state, is_best, folder):
+    """checkpoint.pth.tar after every epoch, and model_best.pth.tar when the epoch is the best so far."""
+    save_atomically(state, os.path.join(folder, "checkpoint.pth.tar"))
+    if is_best:
+        save_atomically(state, os.path.join(folder, "model_best.pth.tar"))
+
+
+def log_epoch(log, record, folder, epochs):
+    """Add the epoch's record to log.jsonl (rewritten whole, so that a resumed run drops the epochs it
+    redoes) and curves.png, and print it."""
+    log.append(record)
+    path = os.path.join(folder, "log.jsonl")
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in log)
+    os.replace(path + ".tmp", path)
+    plot_curves(log, os.path.join(folder, "curves.png"))
+    print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
+          f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
+          f"{record['images_per_s']:.0f} img/s", flush=True)
 
 
 def plot_curves(log, path):
@@ -540,196 +673,182 @@ def plot_curves(log, path):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------------
+# 5. The run: one epoch of training, evaluation, POCA figures, and main
+# ------------------------------------------------------------------------------------------------
+
+
+def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs):
+    """One pass over the training set at the epoch's learning rate -> the epoch's training figures."""
+    loader.sampler.set_epoch(epoch)
+    batches = iter(loader)  # starting the loader draws random numbers, so reseed after it
+    reseed(args.manualSeed, epoch, procs.rank)
+    lr = lr_at(args, epoch)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    net.train()
+    started, seen, loss_sum, hits = time.time(), 0, 0.0, 0
+    bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+               disable=None if procs.is_main else True)  # None: only on a terminal, not in logs or notebooks
+    for step, (images, labels) in enumerate(bar):
+        images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        targets = labels
+        if mixup_cutmix is not None:
+            images, targets = mixup_cutmix(images, labels)  # soft targets
+        with procs.autocast:
+            logits = net(images)
+            loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
+        global_loss = mean_over_processes(loss.detach(), procs).item()
+        stop_if_not_finite(global_loss, epoch, step, len(loader), args)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if args.clip_grad:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
+        scaler.step(optimizer)
+        scaler.update()
+        if ema is not None:
+            ema.update_parameters(model)
+        seen, loss_sum = seen + len(images), loss_sum + global_loss * len(images)
+        if mixup_cutmix is None:
+            hits += (logits.argmax(dim=1) == labels).sum().item()
+        bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}")
+    seconds = time.time() - started
+    loss_sum, hits, seen = sum_over_processes([loss_sum, hits, seen], procs)
+    return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
+                images_per_s=seen / seconds, seconds=seconds)  # train top-1: on augmented images, in train mode
+
+
+def mean_over_processes(value, procs):
+    """The mean of a tensor over all processes. The loss is averaged at every step, not just for the log:
+    every process must see the same value, so that on a NaN they all stop together rather than some
+    waiting forever for the others in the next all-reduce."""
+    value = value.clone()
+    if procs.distributed:
+        dist.all_reduce(value)
+        value /= procs.world
+    return value
+
+
+def sum_over_processes(numbers, procs):
+    """Sums of a few numbers over all processes (in float64: counts of images stay exact)."""
+    totals = torch.as_tensor(numbers, dtype=torch.float64, device=procs.device)
+    if procs.distributed:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def stop_if_not_finite(loss, epoch, step, steps, args):
+    if not math.isfinite(loss):
+        last_path = os.path.join(args.checkpoint, "checkpoint.pth.tar")
+        last = "no checkpoint was written yet"
+        if os.path.exists(last_path):
+            last = f"the last good checkpoint, {last_path}, is kept"
+        raise UserError(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1} of {steps}; stopping "
+                        f"({last}). Try a lower --lr or --clip-grad.")
+
+
+def evaluate(net, loader, procs, progress=True):
+    """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once."""
+    net.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=procs.device)  # loss sum, top-1 hits, top-5 hits, images
+    with torch.no_grad():
+        disable = None if progress and procs.is_main else True  # None: only on a terminal
+        for images, targets in tqdm(loader, desc="  eval", leave=False, disable=disable):
+            images, targets = images.to(procs.device, non_blocking=True), targets.to(procs.device, non_blocking=True)
+            with procs.autocast:
+                logits = net(images)
+            top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
+            totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
+                                   top5.any(dim=1).sum(), torch.tensor(len(targets), device=procs.device)]).double()
+    loss, top1, top5, n = sum_over_processes(totals, procs)
+    return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n))
+
+
+def evaluate_and_report(net, loader, procs):
+    """--evaluate: top-1 and top-5 printed as the original prints them, and as a sentence."""
+    result = evaluate(net, loader, procs)
+    procs.print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
+                f"top-5 {result['top5']:.2f}% on {result['images']} images")
+    return result
+
+
+def write_poca_figures(model, args, classes, device):
+    """Draw each image's POCA maps (noah.show_pocas), prepared as for evaluation, into --checkpoint."""
+    from PIL import Image
+
+    if not args.use_noah:
+        raise UserError("--show-pocas needs a model with the NOAH head: add --use_noah")
+    transform, mean, std = build_transforms(args, train=False), *noah.MEAN_STD[args.normalize]
+    os.makedirs(args.checkpoint, exist_ok=True)
+    paths = []
+    for image_path in args.show_pocas:
+        try:
+            image = transform(Image.open(image_path).convert("RGB")).to(device)
+        except OSError as e:
+            raise UserError(f"cannot read the image {image_path}: {e}") from None
+        figure = noah.show_pocas(model, image, classes, args.top_k, mean, std)
+        paths.append(os.path.join(args.checkpoint, f"pocas_{os.path.splitext(os.path.basename(image_path))[0]}.png"))
+        figure.savefig(paths[-1], dpi=110)
+        print(f"{image_path} -> {paths[-1]}")
+    return paths
+
+
+def choose_seed(args, checkpoint):
+    """The run's seed: given, or the resumed run's (the same random numbers as the run it continues), or
+    drawn; then the initial weights are drawn from it (DDP copies rank 0's to the others)."""
+    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
+    if saved_args and args.manualSeed is None:
+        args.manualSeed = saved_args["manualSeed"]
+    if args.manualSeed is None:
+        args.manualSeed = random.randint(1, 10000)
+    torch.manual_seed(args.manualSeed)
+
+
 def main(argv=None):
     args = parse_args(argv)
     if (args.evaluate or args.show_pocas) and not args.resume:
-        raise UserError(f"{'--evaluate' if args.evaluate else '--show-pocas'} needs --resume PATH: the checkpoint to use")
-
-    # processes: one, or one per GPU (or CPU slot) under torchrun
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    world = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
-    rank = int(os.environ.get("RANK", 0)) if distributed else 0
-    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-    else:
-        device = torch.device("cpu")
-    if args.train_batch % world:
-        raise UserError(f"--train-batch {args.train_batch} is the global batch and must split evenly over "
-                        f"{world} processes; use a multiple of {world}")
-    if distributed:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    log_print = print if master else (lambda *a, **k: None)
-
-    # model
-    config = dict(arch=args.arch, use_noah=args.use_noah, head_num=None, key_ratio=None)
-    checkpoint = read_checkpoint(args.resume) if args.resume else None
-    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if saved_args and args.manualSeed is None:
-        args.manualSeed = saved_args["manualSeed"]  # the same random numbers as the run it continues
-    if args.manualSeed is None:
-        args.manualSeed = random.randint(1, 10000)
-    torch.manual_seed(args.manualSeed)  # the initial weights (DDP copies rank 0's to the others)
+        flag = "--evaluate" if args.evaluate else "--show-pocas"
+        raise UserError(f"{flag} needs --resume PATH: the checkpoint to use")
+    procs = setup_processes(args)
+    checkpoint = read_checkpoint_file(args.resume) if args.resume else None
+    choose_seed(args, checkpoint)
     if args.show_pocas:  # no data needed: the classes are the checkpoint's, or ImageNet's
         classes = checkpoint.get("classes") or imagenet_classes()
     else:
         train_set, val_set, classes = build_datasets(args)
-    num_classes = len(classes)
-    try:
-        model = noah.create_model(
-            args.arch, num_classes, head="noah" if args.use_noah else "gap", head_num=args.head_num if args.use_noah else None,
-            key_ratio=args.key_ratio if args.use_noah else None, dropout=args.dropout if args.use_noah else None,
-            **({"img_size": args.img_size, "drop_path_rate": args.drop_path, "drop_rate": args.drop}
-               if args.arch in noah.TOKEN_MODELS else {}))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if args.use_noah:
-        config.update(head_num=model.head.head_num, key_ratio=args.key_ratio or noah.MODELS[args.arch][1]["key_ratio"])
-    if args.pretrained_backbone:
-        try:
-            head_loaded = noah.load_backbone(model, args.pretrained_backbone)
-        except (ValueError, FileNotFoundError) as e:
-            raise UserError(f"{args.pretrained_backbone} cannot give {describe(config)} its backbone: {e}") from None
-        log_print(f"backbone loaded from {args.pretrained_backbone}; "
-                  + ("its head fits and is loaded too" if head_loaded else "the head starts new"))
-    if checkpoint is not None:
-        saved = checkpoint.get("config")
-        if saved and (saved["arch"], saved["use_noah"]) != (config["arch"], config["use_noah"]):
-            raise UserError(f"{args.resume} holds {describe(saved)}, but this run builds {describe(config)}; "
-                            f"give the matching --arch and --use_noah / --no-use_noah")
-        try:
-            noah.load_checkpoint(model, checkpoint)
-        except ValueError as e:
-            raise UserError(f"{args.resume} does not fit {describe(config)}: {e}") from None
-    model.to(device)
-    if args.channels_last:
-        model.to(memory_format=torch.channels_last)
-    ema = None
-    if args.model_ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay), use_buffers=True)
-    net = torch.compile(model) if args.compile else model
-    if distributed:
-        net = torch.nn.parallel.DistributedDataParallel(net, device_ids=[local_rank] if device.type == "cuda" else None)
-    amp_dtype = getattr(torch, args.amp_dtype)
-    autocast = torch.autocast(device.type, amp_dtype, enabled=args.use_amp)
-    log_print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {num_classes} classes, "
-              f"{world} process(es) on {device.type}")
-
+    model, config = build_model(args, len(classes), checkpoint, procs)
+    procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
+                f"classes, {procs.world} process(es) on {procs.device.type}")
     if args.show_pocas:
-        return show_pocas(model, args, classes, device)
-    train_loader, val_loader = build_loaders(args, train_set, val_set, world, rank, pin=device.type == "cuda")
+        return write_poca_figures(model, args, classes, procs.device)
+    net = wrap_model(model, args, procs)
+    train_loader, val_loader = build_loaders(args, train_set, val_set, procs.world, procs.rank,
+                                             pin=procs.device.type == "cuda")
     if args.evaluate:
-        result = evaluate(net, val_loader, device, autocast, world, master)
-        log_print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
-                  f"top-5 {result['top5']:.2f}% on {result['images']} images")
-        return result
+        return evaluate_and_report(net, val_loader, procs)
 
-    # optimizer, state of a resumed run
-    groups = param_groups(model, args.wd, args.nowd_bn, args.backbone_lr_scale)
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and amp_dtype == torch.float16)
-    start_epoch, best_acc = 0, 0.0
-    if checkpoint is not None and "config" not in checkpoint:
-        log_print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
-    elif checkpoint is not None:
-        args.checkpoint = os.path.dirname(args.resume) or "."  # the original keeps writing beside the resumed file
-        try:
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except ValueError as e:
-            raise UserError(f"{args.resume}: its optimizer state does not fit this run ({e})") from None
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
-        if ema is not None and "ema" in checkpoint:
-            ema.load_state_dict(checkpoint["ema"])
-        start_epoch, best_acc = checkpoint["epoch"], float(checkpoint["best_acc"])
-    mixer = build_batch_mixer(args, num_classes)
+    optimizer, scaler, ema = build_optimizer(model, args, procs.device)
+    start_epoch, best_acc, log = restore_run(args, checkpoint, optimizer, scaler, ema, procs)
+    mixup_cutmix = build_mixup_cutmix(args, len(classes))
     os.makedirs(args.checkpoint, exist_ok=True)
-    log_path, last_path = os.path.join(args.checkpoint, "log.jsonl"), os.path.join(args.checkpoint, "checkpoint.pth.tar")
-    log = []
-    if master and start_epoch and os.path.exists(log_path):
-        log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
-
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        batches = iter(train_loader)  # starting the loader draws random numbers, so reseed after it
-        reseed(args.manualSeed, epoch, rank)
-        lr = lr_at(args, epoch)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        net.train()
-        started, seen, loss_sum, hits = time.time(), 0, 0.0, 0
-        bar = tqdm(batches, total=len(train_loader), desc=f"epoch {epoch + 1}/{args.epochs}", disable=not master,
-                   leave=False)
-        for step, (images, targets) in enumerate(bar):
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if args.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = targets
-            if mixer is not None:
-                images, targets = mixer(images, targets)  # soft targets
-            with autocast:
-                logits = net(images)
-                loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
-            global_loss = loss.detach().clone()
-            if distributed:
-                dist.all_reduce(global_loss)
-                global_loss /= world
-            if not math.isfinite(global_loss.item()):
-                last = f"the last good checkpoint, {last_path}, is kept" if os.path.exists(last_path) else "no checkpoint was written yet"
-                raise UserError(f"the loss became {global_loss.item()} at epoch {epoch + 1}, step {step + 1} of "
-                                f"{len(train_loader)}; stopping ({last}). Try a lower --lr or --clip-grad.")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if args.clip_grad:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update_parameters(model)
-            seen += len(images)
-            loss_sum += global_loss.item() * len(images)
-            if mixer is None:
-                hits += (logits.argmax(dim=1) == labels).sum().item()
-            bar.set_postfix(loss=f"{global_loss.item():.3f}", lr=f"{lr:.3g}")
-        seconds = time.time() - started
-        counts = torch.tensor([loss_sum, hits, seen], dtype=torch.float64, device=device)
-        if distributed:
-            dist.all_reduce(counts)
-        loss_sum, hits, seen = counts.tolist()
-        result = evaluate(net, val_loader, device, autocast, world, master)
-        record = dict(epoch=epoch + 1, lr=lr, train_loss=loss_sum / seen,
-                      train_top1=None if mixer else 100 * hits / seen,  # on augmented images, in train mode
-                      val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
-                      images_per_s=seen / seconds, seconds=seconds)
+        record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs)
+        result = evaluate(net, val_loader, procs)
+        record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
         if ema is not None:
-            record["ema_val_top1"] = evaluate(ema, val_loader, device, autocast, world, False)["top1"]
+            record["ema_val_top1"] = evaluate(ema, val_loader, procs, progress=False)["top1"]
         best_acc = max(best_acc, result["top1"])
-        if master:
+        if procs.is_main:
             state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, state_dict=model.state_dict(),
                          acc=result["top1"], best_acc=best_acc, optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), args=vars(args))
-            if ema is not None:
-                state["ema"] = ema.state_dict()
-            save_atomically(state, last_path)
-            if result["top1"] >= best_acc:
-                save_atomically(state, os.path.join(args.checkpoint, "model_best.pth.tar"))
-            log.append(record)
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in log)
-            os.replace(log_path + ".tmp", log_path)
-            plot_curves(log, os.path.join(args.checkpoint, "curves.png"))
-            print(f"epoch {epoch + 1}/{args.epochs}  lr {lr:.4g}  train loss {record['train_loss']:.4f}  "
-                  f"val loss {result['loss']:.4f}  top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  "
-                  f"{record['images_per_s']:.0f} img/s", flush=True)
-    log_print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
-    if distributed:
+                         scaler=scaler.state_dict(), args=vars(args), **({"ema": ema.state_dict()} if ema else {}))
+            save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
+            log_epoch(log, record, args.checkpoint, args.epochs)
+    procs.print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
+    if procs.distributed:
         dist.destroy_process_group()
     return dict(best_acc=best_acc, log=log)
 

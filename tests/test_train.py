@@ -1,26 +1,19 @@
-"""train.py on the CPU: one process and torchrun, exact resumption, evaluation, presets, bad input."""
-import json
+"""train.py on the CPU: one process and torchrun, exact resumption, evaluation, presets, checkpoints of other
+programs, POCA figures, bad input. Tests marked slow run train.py in its own process, as a user would."""
+import dataclasses
 import math
 import os
 import re
 import shlex
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 
 import train
-from helpers import run, small_run
-
-
-def read_log(folder):
-    return [json.loads(line) for line in open(Path(folder) / "log.jsonl")]
-
-
-def weights(path):
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+from helpers import build, fails_cleanly, read_log, run, save_original_checkpoint, small_run, weights
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +23,7 @@ def one_epoch(image_folder, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_one_epoch_on_an_image_folder(one_epoch):
     assert sorted(os.listdir(one_epoch)) == ["checkpoint.pth.tar", "curves.png", "log.jsonl", "model_best.pth.tar"]
     state = torch.load(one_epoch / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
@@ -40,6 +34,7 @@ def test_one_epoch_on_an_image_folder(one_epoch):
     assert (one_epoch / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_torchrun_with_two_processes_on_cpu_writes_one_checkpoint(image_folder, tmp_path):
     done = run(small_run(image_folder, tmp_path), nproc=2)
     assert "2 process(es) on cpu" in done.stdout
@@ -47,6 +42,7 @@ def test_torchrun_with_two_processes_on_cpu_writes_one_checkpoint(image_folder, 
     assert len(read_log(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(image_folder, tmp_path):
     """Two epochs straight, and one epoch + resume + one epoch, give the same weights; with persistent
     data-loading workers, which keep their own random state across epochs."""
@@ -55,13 +51,15 @@ def test_resume_continues_exactly(image_folder, tmp_path):
     run(small_run(image_folder, tmp_path / "resumed", *common))
     run(small_run(image_folder, tmp_path / "elsewhere", *common, "--epochs", 2,
                   "--resume", tmp_path / "resumed" / "checkpoint.pth.tar"))  # the original writes beside --resume
-    straight, resumed = weights(tmp_path / "straight" / "checkpoint.pth.tar"), weights(tmp_path / "resumed" / "checkpoint.pth.tar")
+    straight = weights(tmp_path / "straight" / "checkpoint.pth.tar")
+    resumed = weights(tmp_path / "resumed" / "checkpoint.pth.tar")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     log_straight, log_resumed = read_log(tmp_path / "straight"), read_log(tmp_path / "resumed")
     assert [r["val_loss"] for r in log_straight] == [r["val_loss"] for r in log_resumed]
     assert not (tmp_path / "elsewhere").exists()
 
 
+@pytest.mark.slow
 def test_the_vit_and_mlp_recipe_options_train_together(image_folder, tmp_path):
     run(small_run(image_folder, tmp_path, "--arch", "deit_tiny_patch16_224", "--opt", "adamw", "--lr", 1e-3,
                   "--warmup-epochs", 1, "--epochs", 2, "--mixup", 0.8, "--cutmix", 1.0, "--smoothing", 0.1,
@@ -73,6 +71,7 @@ def test_the_vit_and_mlp_recipe_options_train_together(image_folder, tmp_path):
     assert "ema" in torch.load(tmp_path / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
 
 
+@pytest.mark.slow
 def test_speed_options_on_cpu(image_folder, tmp_path):
     run(small_run(image_folder, tmp_path, "--channels-last", "--use_amp", "--amp-dtype", "bfloat16"))
     assert read_log(tmp_path)[0]["train_loss"] > 0
@@ -82,6 +81,7 @@ def evaluated_top1(output):
     return float(re.search(r"top-1 ([\d.]+)% top-5 ([\d.]+)% on (\d+) images", output).group(1))
 
 
+@pytest.mark.slow
 def test_evaluate_reproduces_the_logged_accuracy_with_one_and_two_processes(image_folder, one_epoch):
     logged = read_log(one_epoch)[0]["val_top1"]
     args = small_run(image_folder, one_epoch, "--evaluate", "--resume", one_epoch / "checkpoint.pth.tar")
@@ -95,21 +95,25 @@ def test_validation_counts_every_image_once_whatever_the_processes(image_folder)
     args = train.parse_args(["--data", str(image_folder), "--workers", "0", "--manualSeed", "0"])
     _, val_set, _ = train.build_datasets(args)
     for world in (1, 2, 3, 5):
-        shares = [train.build_loaders(args, val_set, val_set, world, rank, False)[1].dataset.indices for rank in range(world)]
+        loaders = [train.build_loaders(args, val_set, val_set, world, rank, False)[1] for rank in range(world)]
+        shares = [loader.dataset.indices for loader in loaders]
         assert sorted(i for share in shares for i in share) == list(range(len(val_set)))
 
 
 ORIGINAL_COMMANDS = {  # the original README's commands, launcher replaced
     "noah_resnet18": "--arch resnet18 --epochs 100 --lr 0.1 --wd 1e-4 --lr-decay schedule --schedule 30 60 90 "
-                     "--use_noah --head_num 4 --key_ratio 0.5 --dropout 0.1 --data D --checkpoint ./checkpoints/noah_resnet18",
+                     "--use_noah --head_num 4 --key_ratio 0.5 --dropout 0.1 --data D "
+                     "--checkpoint ./checkpoints/noah_resnet18",
     "resnet18": "--arch resnet18 --epochs 100 --lr 0.1 --wd 1e-4 --lr-decay schedule --schedule 30 60 90 --dropout 0.1 "
                 "--data D --checkpoint ./checkpoints/resnet18",
     "noah_mobilenetv2_100": "--arch mobilenetv2_100 --epochs 150 --lr 0.05 --wd 4e-5 --lr-decay cos --use_noah "
-                            "--head_num 8 --key_ratio 0.25 --dropout 0.2 --data D --checkpoint ./checkpoints/noah_mobilenetv2_100",
+                            "--head_num 8 --key_ratio 0.25 --dropout 0.2 --data D "
+                            "--checkpoint ./checkpoints/noah_mobilenetv2_100",
     "noah_mobilenetv3_small": "--arch mobilenetv3_small --epochs 150 --lr 0.05 --wd 4e-5 --lr-decay cos --use_noah "
                               "--head_num 8 --key_ratio 0.25 --dropout 0.2 --nowd-bn --data D "
                               "--checkpoint ./checkpoints/noah_mobilenetv3_small",
-    "noah_shufflenetv2_100": "--arch shufflenetv2_100 --epochs 240 --lr 0.5 --wd 4e-5 --train-batch 1024 --lr-decay linear "
+    "noah_shufflenetv2_100": "--arch shufflenetv2_100 --epochs 240 --lr 0.5 --wd 4e-5 --train-batch 1024 "
+                             "--lr-decay linear "
                              "--use_noah --head_num 8 --key_ratio 0.25 --dropout 0 --nowd-bn --data D "
                              "--checkpoint ./checkpoints/noah_shufflenetv2_100",
 }
@@ -147,15 +151,44 @@ def test_flags_on_the_command_line_win_over_the_preset():
 
 def test_no_arguments_is_the_quick_run_and_data_alone_is_the_original_default():
     quick = train.parse_args([])
-    assert (quick.preset, quick.dataset, quick.arch, quick.use_noah, quick.img_size) == ("quick", "shapes", "resnet18", True, 64)
+    assert (quick.preset, quick.dataset, quick.arch, quick.use_noah, quick.img_size) == (
+        "quick", "shapes", "resnet18", True, 64)
     original = train.parse_args(["--data", "D"])
     assert (original.preset, original.dataset, original.use_noah, original.img_size) == (None, "imagenet", False, 224)
+
+
+def test_a_model_of_a_family_without_a_recipe_is_a_clear_error(monkeypatch):
+    entry = dataclasses.replace(train.noah.MODELS["resnet18"], family="newnet")
+    monkeypatch.setitem(train.noah.MODELS, "newnet", entry)
+    with pytest.raises(ValueError, match="model newnet belongs to the family 'newnet', which has no training recipe: "
+                                         "add one to train.RECIPES"):
+        train.make_presets()
+
+
+def test_evaluation_settings_come_from_the_model_unless_given():
+    for arch, expected in [("mixer_s16_224", ("inception", 0.9, "bicubic")),
+                           ("pvt_tiny", ("imagenet", 0.875, "bicubic")), ("resnet50", ("imagenet", 0.875, "bilinear"))]:
+        args = train.parse_args(["--arch", arch, "--data", "D"])
+        assert (args.normalize, args.crop_pct, args.interpolation) == expected
+    given = train.parse_args(["--arch", "mixer_s16_224", "--data", "D", "--normalize", "imagenet", "--crop-pct", "1.0",
+                              "--interpolation", "bilinear"])
+    assert (given.normalize, given.crop_pct, given.interpolation) == ("imagenet", 1.0, "bilinear")
+
+
+def test_eval_transform_resizes_crops_the_centre_and_normalizes():
+    picture = Image.new("RGB", (120, 80), (255, 0, 0))
+    picture.paste((0, 0, 255), (0, 0, 20, 80))  # a blue band on the left, cut off by the centre crop
+    image = train.eval_transform(32, crop_pct=0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(picture)
+    assert image.shape == (3, 32, 32)  # 80 -> 64 pixels high, then the central 32 x 32
+    torch.testing.assert_close(image[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
+    assert image[2].max() < -0.9  # no blue left
 
 
 def test_learning_rate_follows_the_original_schedules():
     args = SimpleNamespace(lr=0.1, epochs=100, gamma=0.1, schedule=[30, 60, 90], warmup_epochs=0, warmup_lr=0, min_lr=0,
                            lr_decay="schedule")
-    assert [train.lr_at(args, e) for e in (0, 29, 30, 59, 60, 90, 99)] == pytest.approx([0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-4])
+    assert [train.lr_at(args, e) for e in (0, 29, 30, 59, 60, 90, 99)] == pytest.approx(
+        [0.1, 0.1, 0.01, 0.01, 1e-3, 1e-4, 1e-4])
     args.lr_decay = "cos"
     assert [train.lr_at(args, e) for e in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
     args.lr_decay = "linear"
@@ -169,9 +202,8 @@ def test_nowd_bn_decays_only_convolution_and_linear_weights():
     model = train.noah.create_model("resnet18", num_classes=10)
     decay, no_decay = train.param_groups(model, 1e-4, nowd_bn=True)
     names = {id(p): n for n, p in model.named_parameters()}
-    assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
-                                                        if "conv" in n or "downsample.0" in n or n.endswith("query.weight")
-                                                        or n.endswith("value.weight")}
+    convolution_or_linear = lambda n: "conv" in n or "downsample.0" in n or n.endswith(("query.weight", "value.weight"))
+    assert {names[id(p)] for p in decay["params"]} == {n for n in names.values() if convolution_or_linear(n)}
     assert no_decay["weight_decay"] == 0 and all(p.ndim <= 2 for p in no_decay["params"])
 
 
@@ -192,11 +224,12 @@ def test_repeated_augmentation_gives_each_process_its_share():
     drawn = [list(s) for s in samplers]
     assert [len(d) for d in drawn] == [24] * 4
     everything = [i for d in drawn for i in d]
-    assert max(everything.count(i) for i in set(everything)) == 3  # an image is used up to 3 times, on different processes
+    assert max(everything.count(i) for i in set(everything)) == 3  # up to 3 times, on different processes
 
 
 def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(image_folder):
-    args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5", "--train-batch", "6"])
+    args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5",
+                             "--train-batch", "6"])
     train_set, val_set, _ = train.build_datasets(args)
     batches = {}
     for workers in (0, 2):
@@ -207,23 +240,54 @@ def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(imag
     assert torch.equal(batches[0], batches[2])
 
 
+# --- checkpoints of other programs, fine-tuning, POCA figures ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_evaluates_an_original_checkpoint_with_the_original_command(image_folder, tmp_path):
+    save_original_checkpoint(build("resnet18", num_classes=3), tmp_path / "model_best.pth.tar", "module.")
+    done = run(["--arch", "resnet18", "--data", image_folder, "--use_noah", "--head_num", 4, "--key_ratio", 0.5,
+                "--evaluate", "--resume", tmp_path / "model_best.pth.tar", "--img-size", 32, "--workers", 0], nproc=2)
+    assert re.search(r"top-1 [\d.]+% top-5 [\d.]+% on 12 images", done.stdout)
+
+
+@pytest.mark.slow
+def test_train_fine_tunes_from_torchvision_weights(image_folder, tmp_path):
+    torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "resnet18.pth")
+    done = run(small_run(image_folder, tmp_path / "run", "--pretrained-backbone", tmp_path / "resnet18.pth",
+                         "--backbone-lr-scale", 0.1))
+    assert "backbone loaded from" in done.stdout and "the head starts new" in done.stdout
+    done = run(small_run(image_folder, tmp_path / "run", "--arch", "resnet50", "--pretrained-backbone",
+                         tmp_path / "resnet18.pth"), check=False)
+    assert done.returncode == 1 and "cannot give resnet50 with NOAH" in done.stderr
+    assert "the file seems to be for resnet18 with the standard head, 1000 classes" in done.stderr
+
+
+
+
+@pytest.mark.slow
+def test_train_shows_the_pocas_of_a_checkpoint(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path))
+    picture = next((image_folder / "val" / "plum").iterdir())
+    done = run(small_run(image_folder, tmp_path / "maps", "--resume", tmp_path / "checkpoint.pth.tar",
+                         "--show-pocas", picture, "--top-k", 2))
+    written = tmp_path / "maps" / f"pocas_{picture.stem}.png"
+    assert f"{picture} -> {written}" in done.stdout and written.read_bytes()[:4] == b"\x89PNG"
+    done = run(small_run(image_folder, tmp_path, "--no-use_noah", "--show-pocas", picture, "--resume",
+                         tmp_path / "checkpoint.pth.tar"), check=False)
+    assert done.returncode == 1 and "holds resnet18 with NOAH" in done.stderr
+
+
 # --- bad input: one clear line, a non-zero exit, no traceback, no file lost ---------------------------------------
 
 
-def fails_cleanly(done, message):
-    """A non-zero exit with the message; without torchrun around it (which reports its child's failure in
-    its own words), no traceback either."""
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr[-2000:]
-    if "torch.distributed.run" not in done.args:
-        assert "Traceback" not in done.stderr, done.stderr[-2000:]
-
-
+@pytest.mark.slow
 def test_missing_data_folder(tmp_path):
     done = run(small_run(tmp_path / "nowhere", tmp_path / "ck"), check=False)
     fails_cleanly(done, f"error: no folder {tmp_path / 'nowhere' / 'train'}")
 
 
+@pytest.mark.slow
 def test_data_folder_without_class_folders(tmp_path):
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "val").mkdir()
@@ -278,6 +342,7 @@ def test_failed_download_says_where_to_put_the_files(monkeypatch, tmp_path):
     assert f"extract it into {tmp_path}, so that {tmp_path}/cifar-10-batches-py exists" in str(error.value)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model(image_folder, one_epoch, tmp_path):
     done = run(small_run(image_folder, tmp_path, "--arch", "mobilenetv2_035", "--resume",
                          one_epoch / "checkpoint.pth.tar", "--evaluate"), check=False)
@@ -289,6 +354,7 @@ def test_checkpoint_of_another_model(image_folder, one_epoch, tmp_path):
                         "missing keys (2): head.fc.weight, head.fc.bias; unexpected keys (4): head.query.weight")
 
 
+@pytest.mark.slow
 def test_unreadable_checkpoint(image_folder, one_epoch, tmp_path):
     truncated = tmp_path / "truncated.pth.tar"
     truncated.write_bytes((one_epoch / "checkpoint.pth.tar").read_bytes()[:5000])
@@ -296,17 +362,20 @@ def test_unreadable_checkpoint(image_folder, one_epoch, tmp_path):
     fails_cleanly(done, f"cannot read {truncated} as a checkpoint")
 
 
+@pytest.mark.slow
 def test_global_batch_that_does_not_split_over_the_processes(image_folder, tmp_path):
     done = run(small_run(image_folder, tmp_path, "--train-batch", 7), nproc=2, check=False)
     fails_cleanly(done, "error: --train-batch 7 is the global batch and must split evenly over 2 processes")
     assert not tmp_path.exists() or not os.listdir(tmp_path)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
     run(small_run(image_folder, tmp_path))
     good = weights(tmp_path / "checkpoint.pth.tar")
-    done = run(small_run(image_folder, tmp_path, "--epochs", 3, "--lr", 1e38, "--resume", tmp_path / "checkpoint.pth.tar"),
-               check=False)
+    last = tmp_path / "checkpoint.pth.tar"
+    resumed = small_run(image_folder, tmp_path, "--epochs", 3, "--lr", 1e38, "--resume", last)
+    done = run(resumed, check=False)
     fails_cleanly(done, "at epoch 2, step")
     assert f"the last good checkpoint, {tmp_path / 'checkpoint.pth.tar'}, is kept" in done.stderr
     kept = weights(tmp_path / "checkpoint.pth.tar")
@@ -314,5 +383,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, 
     assert len(read_log(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_evaluate_without_a_checkpoint(image_folder, tmp_path):
     fails_cleanly(run(small_run(image_folder, tmp_path, "--evaluate"), check=False), "--evaluate needs --resume PATH")
