@@ -287,7 +287,7 @@ def data_pipeline(worker_counts, variant, batch, img_size, images, model, traini
             batches = iter(loader)
             next(batches)  # the workers have started: time the steady flow from here
             started, seen = time.perf_counter(), 0
-            for batch_images, _ in batches:
+            for batch_images, _, _ in batches:  # images, labels, unreadable images skipped
                 seen += len(batch_images)
             elapsed = time.perf_counter() - started
             rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, JPEGs 500x375 -> "

@@ -21,6 +21,7 @@ Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, 
 import argparse
 import math
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable
@@ -506,11 +507,12 @@ def tokens_to_map(tokens, grid):
 
 
 def resize_pos_embed(pos_embed, grid, new_grid):
-    """Position embeddings (1, h*w, C) learnt on one grid, interpolated to another (bilinear)."""
+    """Position embeddings (1, h*w, C) learnt on one grid, interpolated to another (bicubic, as DeiT's
+    fine-tuning and timm resize them)."""
     if tuple(grid) == tuple(new_grid):
         return pos_embed
     pos_embed = rearrange(pos_embed, "1 (h w) c -> 1 c h w", h=grid[0])
-    pos_embed = nn.functional.interpolate(pos_embed, size=tuple(new_grid), mode="bilinear", align_corners=False)
+    pos_embed = nn.functional.interpolate(pos_embed, size=tuple(new_grid), mode="bicubic", align_corners=False)
     return rearrange(pos_embed, "1 c h w -> 1 (h w) c")
 
 
@@ -608,11 +610,15 @@ class VisionTransformer(Classifier):
 
     (B, 3, H, W) -> forward_features -> (B, C, H/16, W/16) with NOAH, the class token (B, C, 1, 1)
     with the standard head -> head -> (B, K). Position embeddings are learnt for img_size and
-    interpolated for other input sizes.
+    interpolated for other input sizes. With representation_size, a "pre-logits" layer (linear + tanh,
+    at every token) widens the tokens to that many channels before the head, as the original DeiT code
+    does for DeiTs narrower than 192 (its x0.75 and x0.5 checkpoints have it; the paper's counts do not).
     """
 
+    no_weight_decay = ("pos_embed", "cls_token")  # exempt from weight decay, as in DeiT
+
     def __init__(self, dim, depth, heads, patch_size=16, mlp_ratio=4, img_size=224, drop_rate=0.0,
-                 drop_path_rate=0.0, head="noah", **head_args):
+                 drop_path_rate=0.0, representation_size=None, head="noah", **head_args):
         super().__init__()
         self.patch_embed = PatchEmbed(3, dim, patch_size)
         self.grid = (img_size // patch_size, img_size // patch_size)
@@ -624,8 +630,11 @@ class VisionTransformer(Classifier):
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, drop=drop_rate, drop_path=p) for p in rates)
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.num_features = dim
-        self.head = build_head(head, dim, **head_args)
+        self.pre_logits = nn.Identity()
+        if representation_size:
+            self.pre_logits = nn.Sequential(OrderedDict(fc=nn.Linear(dim, representation_size), act=nn.Tanh()))
+        self.num_features = representation_size or dim
+        self.head = build_head(head, self.num_features, **head_args)
         init_vit_weights(self)
 
     def forward_features(self, x):
@@ -633,7 +642,7 @@ class VisionTransformer(Classifier):
         x = self.pos_drop(add_positions(x, self.pos_embed, self.grid, grid, getattr(self, "cls_token", None)))
         for block in self.blocks:
             x = block(x, grid)
-        return head_input(self.norm(x), grid, self.class_token)
+        return head_input(self.pre_logits(self.norm(x)), grid, self.class_token)
 
 
 class PyramidVisionTransformer(Classifier):
@@ -643,6 +652,8 @@ class PyramidVisionTransformer(Classifier):
     (B, 3, H, W) -> forward_features -> (B, C4, H/32, W/32) with NOAH, the class token (B, C4, 1, 1)
     with the standard head -> head -> (B, K). Needs inputs of at least 32x32.
     """
+
+    no_weight_decay = ("cls_token",)  # PVT's position embeddings decay, unlike DeiT's
 
     def __init__(self, dims, heads, mlp_ratios, depths, sr_ratios=(8, 4, 2, 1), img_size=224, drop_rate=0.0,
                  drop_path_rate=0.0, head="noah", **head_args):
@@ -879,7 +890,7 @@ def model_entry(name):
 
 
 def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, img_size=None,
-                 drop_rate=None, drop_path_rate=None):
+                 drop_rate=None, drop_path_rate=None, representation_size=None):
     """Build a model by name, with the NOAH head (default) or the standard head ("gap").
 
     Every keyword left out or given as None takes its default. head_num, key_ratio and dropout default to
@@ -889,8 +900,13 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
     img_size (default 224) is the input size a token backbone is built for: its position embeddings are
     learnt on that grid (DeiT and PVT interpolate them for other sizes), and the token-mixing layers of
     Mixer and gMLP exist only for it. drop_rate (dropout inside the blocks) and drop_path_rate (stochastic
-    depth) default to 0. CNNs read any input size, so they ignore img_size; they have neither kind of
-    dropout, so a non-zero drop_rate or drop_path_rate for a CNN is refused.
+    depth) default to 0. CNNs read any input size, so they ignore img_size (which must still be at least
+    32); they have neither kind of dropout, so a non-zero drop_rate or drop_path_rate for a CNN is refused.
+
+    representation_size (DeiT only, default None): a pre-logits layer, linear to that many channels and tanh,
+    between the backbone and the head. The original DeiT code adds one (to 192) to DeiTs narrower than 192,
+    so its DeiT-Tiny x0.75 and x0.5 checkpoints need `representation_size=192`; the paper's parameter counts
+    are those without it.
 
     The model's `data_config` says how its inputs are normalized and cropped for evaluation.
 
@@ -899,7 +915,7 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
     """
     entry = model_entry(name)
     head_args = head_settings(entry, head, head_num, key_ratio, dropout)
-    backbone_args = backbone_settings(name, entry, img_size, drop_rate, drop_path_rate)
+    backbone_args = backbone_settings(name, entry, img_size, drop_rate, drop_path_rate, representation_size)
     model = entry.build(head=head, num_classes=num_classes, **head_args, **backbone_args)
     model.data_config = entry.data_config
     return model
@@ -920,16 +936,20 @@ def head_settings(entry, head, head_num, key_ratio, dropout):
     raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
 
 
-def backbone_settings(name, entry, img_size, drop_rate, drop_path_rate):
-    """img_size, drop_rate and drop_path_rate checked, and passed on where the backbone has them."""
+def backbone_settings(name, entry, img_size, drop_rate, drop_path_rate, representation_size):
+    """img_size, drop_rate, drop_path_rate and representation_size checked, and passed on where the
+    backbone has them."""
     if img_size is not None and (not isinstance(img_size, int) or img_size < 32):
         raise ValueError(f"img_size={img_size!r} must be an integer of at least 32 (pixels per side)")
     rates = dict(drop_rate=drop_rate, drop_path_rate=drop_path_rate)
     for key, rate in rates.items():
         if rate is not None and not 0 <= rate < 1:
             raise ValueError(f"{key}={rate} must lie in [0, 1)")
+    if representation_size is not None and (entry.family != "deit" or representation_size < 1):
+        raise ValueError(f"representation_size={representation_size!r} is the pre-logits layer of the original DeiTs: "
+                         f"a positive width, for the deit_* models only")
     if entry.family in TOKEN_FAMILIES:
-        given = dict(img_size=img_size, **rates)
+        given = dict(img_size=img_size, representation_size=representation_size, **rates)
         return {key: value for key, value in given.items() if value is not None}
     used = [f"{key}={rate}" for key, rate in rates.items() if rate]
     if used:
@@ -1041,17 +1061,33 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None):
 
 
 def read_checkpoint(path):
-    """A checkpoint file's contents, read with `weights_only=True`: a file from the internet cannot run code
-    when loaded. Besides plain data only argparse.Namespace is allowed, as DeiT and timm store their
-    arguments so. A file that is truncated, not PyTorch's, or holds other objects is a clear ValueError."""
+    """A checkpoint file's contents (a dict), read with `weights_only=True`: a file from the internet cannot
+    run code when loaded. Besides plain data only argparse.Namespace is allowed, as DeiT and timm store
+    their arguments so. Any other file is a ValueError that says in its own words what the file is."""
+    with open(path, "rb") as f:  # FileNotFoundError as it is
+        empty = not f.read(1)
     try:
+        if empty:
+            raise EOFError
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:
-        raise ValueError(f"cannot read {path} as a checkpoint ({type(e).__name__}: "
-                         f"{str(e).strip().splitlines()[0][:300]})") from None
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # what torch.load raises says little, and advises the unsafe way round
+        raise ValueError(f"cannot read {path} as a checkpoint: {unreadable_because(e, empty)}") from None
+    if not isinstance(checkpoint, dict):
+        raise ValueError(f"cannot read {path} as a checkpoint: it holds a {type(checkpoint).__name__}, not a "
+                         f"checkpoint (a dict with a state dict)")
+    return checkpoint
+
+
+def unreadable_because(error, empty):
+    if empty:
+        return "the file is empty"
+    if "Unsupported global" in str(error):
+        return ("it holds Python objects other than tensors and plain data, which are refused: loading them could "
+                "run code")
+    if "PytorchStreamReader" in str(error):
+        return "it is truncated or damaged (an incomplete PyTorch zip file)"
+    return "it is not a PyTorch checkpoint file"
 
 
 def read_state_dict(source):
@@ -1119,16 +1155,17 @@ def load_backbone(model, source):
     """Fine-tuning: load a checkpoint's backbone (every key outside `head.`) into `model`, and its head
     only where it fits as it is (the same head and number of classes); returns whether the head was loaded.
 
-    The class token is the standard head's way of reading a ViT, so it is taken when both have it and
-    left out otherwise; position embeddings are interpolated to the model's grid, their class-token row
-    taken or left out the same way.
+    The class token is the standard head's way of reading a ViT, and the pre-logits layer of the original
+    narrow DeiTs sits between backbone and head: each is taken when both have it alike and left out
+    otherwise. Position embeddings are interpolated to the model's grid, their class-token row taken or
+    left out the same way.
     """
     expected = {k: v.shape for k, v in model.state_dict().items()}
     state, as_stored = in_this_layout(read_state_dict(source), expected)
     for key in [k for k in state if "pos_embed" in k and k in expected and state[k].shape != expected[k]]:
         state[key] = fit_pos_embed(state[key], model.state_dict()[key])
-    for key in ("cls_token",):
-        if (key in state) != (key in expected):
+    for key in [k for k in {*state, *expected} if k == "cls_token" or k.startswith("pre_logits.")]:
+        if key not in state or key not in expected or state[key].shape != expected[key]:
             state.pop(key, None)
             expected.pop(key, None)
     head = {k: v for k, v in state.items() if k.startswith("head.")}
@@ -1164,8 +1201,12 @@ def check_fit(state, expected, strict, whole=None):
                     for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
                                         ("shapes differ, file vs model", reshaped)) if keys]
         guess = guess_model(state if whole is None else whole)
-        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems)
-                         + (f"; the file seems to be for {guess}" if guess else ""))
+        if guess:
+            problems.append(f"the file seems to be for {guess}")
+        if "pre_logits.fc.weight" in unexpected:
+            problems.append("the file has the pre-logits layer of the original narrow DeiTs: build the model with "
+                            f"create_model(name, representation_size={state['pre_logits.fc.weight'].shape[0]})")
+        raise ValueError("checkpoint does not fit the model: " + "; ".join(problems))
 
 
 def guess_model(state):

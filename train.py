@@ -19,18 +19,22 @@ the epoch, and the checkpoint holds the weights, the optimizer, the grad scaler,
 arguments.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
+import re
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
 from tqdm import tqdm
 
 import noah
@@ -49,17 +53,20 @@ RESNET = dict(epochs=100, lr=0.1, wd=1e-4, lr_decay="schedule", schedule=[30, 60
 MOBILENETV2 = dict(epochs=150, lr=0.05, wd=4e-5, lr_decay="cos", dropout=0.2)
 MOBILENETV3 = dict(MOBILENETV2, nowd_bn=True)
 SHUFFLENETV2 = dict(epochs=240, lr=0.5, wd=4e-5, train_batch=1024, lr_decay="linear", dropout=0.0, nowd_bn=True)
-# DeiT's recipe (PVT's is the same without EMA): lr 5e-4 per 512 images, here for 8 GPUs x 128 = 1024.
-DEIT = dict(opt="adamw", opt_eps=1e-8, lr=1e-3, wd=0.05, epochs=300, train_batch=1024, lr_decay="cos",
-            warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.8, cutmix=1.0,
-            randaug=9, randaug_n=2, reprob=0.25, drop_path=0.1, repeated_aug=3, model_ema=True,
-            ema_decay=0.99996, dropout=0.1)
+# DeiT's recipe (PVT's is the same without EMA): lr 5e-4 per 512 images (here for 8 GPUs x 128 = 1024, and
+# scaled so when --train-batch changes it), RandAugment rand-m9-mstd0.5-inc1, float16 autocast throughout,
+# and the scheduler stepped after each epoch with that epoch's number (lr_step_lag).
+DEIT_LR_PER_512 = 5e-4
+DEIT = dict(opt="adamw", opt_eps=1e-8, lr=DEIT_LR_PER_512 * 1024 / 512, wd=0.05, epochs=300, train_batch=1024,
+            lr_decay="cos", warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, lr_step_lag=1, nowd_bn=True, smoothing=0.1,
+            mixup=0.8, cutmix=1.0, randaug=9, randaug_n=2, randaug_mstd=0.5, train_interpolation="bicubic",
+            reprob=0.25, drop_path=0.1, repeated_aug=3, model_ema=True, ema_decay=0.99996, use_amp=True, dropout=0.1)
 PVT = dict(DEIT, model_ema=False)
-# The MLP models' recipe (the original's mlp/configs/default_noah.yaml; 8 GPUs x 192 = 1536).
+# The MLP models' recipe (the original's mlp/configs/default_noah.yaml; 8 GPUs x 192 = 1536), in float32.
 MLP = dict(opt="adamw", opt_eps=1e-6, lr=7e-4, wd=0.067, epochs=300, train_batch=1536, lr_decay="cos",
            warmup_epochs=20, warmup_lr=1e-6, min_lr=1e-5, nowd_bn=True, smoothing=0.1, mixup=0.5, cutmix=1.0,
-           randaug=6, randaug_n=3, reprob=0.0, drop=0.02333, drop_path=0.1, clip_grad=1.0, model_ema=True,
-           ema_decay=0.99992, dropout=0.1)
+           randaug=6, randaug_n=3, randaug_mstd=1.0, train_interpolation="random", crop_ratio=[0.67, 1.5],
+           reprob=0.0, drop=0.02333, drop_path=0.1, clip_grad=1.0, model_ema=True, ema_decay=0.99992, dropout=0.1)
 RECIPES = dict(resnet=RESNET, mobilenetv2=MOBILENETV2, mobilenetv3=MOBILENETV3, shufflenetv2=SHUFFLENETV2,
                deit=DEIT, pvt=PVT, mixer=MLP, gmlp=MLP)
 
@@ -70,6 +77,10 @@ def recipe_for(name):
         raise ValueError(f"model {name} belongs to the family {family!r}, which has no training recipe: "
                          f"add one to train.RECIPES (known: {', '.join(RECIPES)})")
     return RECIPES[family]
+
+
+def recipe_family(preset):
+    return noah.MODELS[PRESETS[preset]["arch"]].family
 
 
 def make_presets():
@@ -106,10 +117,16 @@ def get_parser():
     p.add_argument("--crop-pct", type=float, help="evaluation: resize to img-size / crop-pct, then centre crop "
                    "(default: the model's, as the original evaluated it)")
     p.add_argument("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
+    p.add_argument("--train-interpolation", choices=["bilinear", "bicubic", "random"],
+                   help="training crops' resizing; random: one of the two per image (default: --interpolation)")
+    p.add_argument("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=("LOW", "HIGH"),
+                   help="aspect ratios of the random training crops")
     p.add_argument("--normalize", choices=list(noah.MEAN_STD), help="input mean and std: ImageNet's, or 0.5 and "
                    "0.5 (default: the model's; the MLP models use 0.5)")
     p.add_argument("--train-size", type=int, default=2000, help="images per epoch of shapes / fake")
     p.add_argument("--val-size", type=int, default=500, help="validation images of shapes / fake")
+    p.add_argument("--max-unreadable", type=float, default=0.01, help="unreadable images are skipped with a warning; "
+                   "the run stops when more than this share of an epoch's (or half of a batch's) cannot be read")
     # model
     p.add_argument("-a", "--arch", default="resnet18", choices=noah.list_models(), metavar="ARCH",
                    help="one of: " + ", ".join(noah.list_models()))
@@ -135,6 +152,8 @@ def get_parser():
     p.add_argument("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
     p.add_argument("--gamma", type=float, default=0.1, help="'schedule' multiplies the lr by this")
     p.add_argument("--warmup-epochs", type=int, default=0, help="linear warmup from --warmup-lr")
+    p.add_argument("--lr-step-lag", type=int, default=0, help="epoch e trains at the schedule's value for epoch "
+                   "e - lag: DeiT and PVT step their scheduler after each epoch with that epoch's number (lag 1)")
     p.add_argument("--warmup-lr", type=float, default=1e-6)
     p.add_argument("--min-lr", type=float, default=0.0, help="where 'cos' ends")
     p.add_argument("--clip-grad", type=float, help="clip the gradient norm to this")
@@ -142,8 +161,9 @@ def get_parser():
     p.add_argument("--mixup", type=float, default=0.0, help="MixUp alpha (0: off)")
     p.add_argument("--cutmix", type=float, default=0.0,
                    help="CutMix alpha (0: off); with MixUp, one of the two per batch")
-    p.add_argument("--randaug", type=int, default=0, help="RandAugment magnitude (0: off)")
+    p.add_argument("--randaug", type=int, default=0, help="timm's RandAugment: magnitude on its 0-10 scale (0: off)")
     p.add_argument("--randaug-n", type=int, default=2, help="RandAugment operations per image")
+    p.add_argument("--randaug-mstd", type=float, default=0.0, help="RandAugment: std of the magnitude's noise")
     p.add_argument("--reprob", type=float, default=0.0, help="RandomErasing probability")
     p.add_argument("--repeated-aug", type=int, default=1, help="DeiT's repeated augmentation: copies per image")
     p.add_argument("--model-ema", action=argparse.BooleanOptionalAction, default=False,
@@ -159,8 +179,10 @@ def get_parser():
                    "original repository's or this project's); its head too where it fits")
     p.add_argument("--backbone-lr-scale", type=float, default=1.0,
                    help="the backbone's lr, as a fraction of the head's")
-    p.add_argument("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves")
-    p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate)")
+    p.add_argument("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves "
+                   "(with --resume: the resumed file's folder, unless given: then the run forks into it)")
+    p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate); a train.py "
+                   "checkpoint brings back its run's flags, those given on the command line win")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
     p.add_argument("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
     p.add_argument("--show-pocas", nargs="+", metavar="IMAGE", help="draw the POCA maps of --resume's model on "
@@ -179,13 +201,78 @@ def parse_args(argv=None):
         parser.set_defaults(**PRESETS[preset])
         args = parser.parse_args(argv)
         args.preset = preset
+    given = explicit_flags(argv)
+    if preset and recipe_family(preset) in ("deit", "pvt") and "train_batch" in given and "lr" not in given:
+        args.lr = DEIT_LR_PER_512 * args.train_batch / 512  # the original scales the lr with the global batch
     args.dataset = args.dataset or "imagenet"
-    args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
+    if args.img_size is None:
+        args.img_size = {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
     entry = noah.MODELS[args.arch]
     args.normalize = args.normalize or entry.normalize
-    args.crop_pct = args.crop_pct or entry.crop_pct
+    args.crop_pct = entry.crop_pct if args.crop_pct is None else args.crop_pct
     args.interpolation = args.interpolation or entry.interpolation
+    check_numbers(args, parser)
     return args
+
+
+RANGES = {  # what each number must be, checked at start-up so that a typo fails in a second, not in an hour
+    "> 0": (lambda v: v > 0, ["lr", "opt_eps", "gamma", "clip_grad"]),
+    ">= 0": (lambda v: v >= 0, ["wd", "workers", "epochs", "warmup_epochs", "warmup_lr", "min_lr", "mixup", "cutmix",
+                                "randaug_n", "backbone_lr_scale"]),
+    ">= 1": (lambda v: v >= 1, ["train_batch", "test_batch", "img_size", "train_size", "val_size", "repeated_aug",
+                                "top_k", "head_num"]),
+    "in [0, 1)": (lambda v: 0 <= v < 1, ["momentum", "smoothing", "ema_decay", "dropout", "drop_path", "drop"]),
+    "in [0, 1]": (lambda v: 0 <= v <= 1, ["reprob", "max_unreadable"]),
+    "in (0, 1]": (lambda v: 0 < v <= 1, ["crop_pct", "key_ratio"]),
+    "in [0, 10]": (lambda v: 0 <= v <= 10, ["randaug"]),
+}
+
+
+def check_numbers(args, parser):
+    flags = flag_names(parser)
+    for valid, (test, names) in RANGES.items():
+        for name in names:
+            value = getattr(args, name)
+            if value is not None and not test(value):
+                raise UserError(f"{flags[name]} {value:g}: must be {valid}")
+
+
+def flag_names(parser):
+    """dest -> the flag a user types for it (the first long one): 'train_batch' -> '--train-batch'."""
+    return {action.dest: next((o for o in action.option_strings if o.startswith("--")), action.dest)
+            for action in parser._actions}
+
+
+def explicit_flags(argv):
+    """The flags given on the command line itself, dest -> value: no default, no preset."""
+    parser = get_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return vars(parser.parse_args(argv))
+
+
+NOT_RESTORED = ("resume", "evaluate", "show_pocas", "top_k", "pretrained_backbone", "checkpoint")
+
+
+def restore_arguments(args, argv, checkpoint):
+    """--resume of a train.py checkpoint continues the run it saved: its arguments come back, except those
+    given on the command line, which win (-> a line for each that changes). It writes beside the resumed
+    file, unless --checkpoint names another folder: then the run forks into it, and the original is left as
+    it is."""
+    saved = checkpoint.get("args") if isinstance(checkpoint, dict) and "config" in checkpoint else None
+    if not isinstance(saved, dict):
+        return []
+    given, flags, overrides = explicit_flags(argv), flag_names(get_parser()), []
+    for key, value in saved.items():
+        if key in NOT_RESTORED or not hasattr(args, key):
+            continue
+        if key not in given:
+            setattr(args, key, value)
+        elif given[key] != value:
+            overrides.append(f"{flags[key]} {given[key]} overrides the resumed run's {value}")
+    if "checkpoint" not in given:
+        args.checkpoint = os.path.dirname(args.resume) or "."
+    return overrides
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,20 +355,95 @@ def build_transforms(args, train):
     any other picture is fitted whole)."""
     from torchvision.transforms import v2
 
-    interpolation, mean_std = v2.InterpolationMode(args.interpolation), noah.MEAN_STD[args.normalize]
+    mean, std = noah.MEAN_STD[args.normalize]
     photos = args.dataset in ("imagenet", "folder", "imagenette")
     if not train:
-        return eval_transform(args.img_size, args.crop_pct if photos else 1.0, args.interpolation, *mean_std)
+        return eval_transform(args.img_size, args.crop_pct if photos else 1.0, args.interpolation, mean, std)
     if args.dataset in ("shapes", "fake"):
-        return v2.Compose([v2.RandomHorizontalFlip(), *to_normalized_tensor(*mean_std)])
+        return v2.Compose([v2.RandomHorizontalFlip(), *to_normalized_tensor(mean, std)])
+    interpolation = args.train_interpolation or args.interpolation
+    modes = ["bilinear", "bicubic"] if interpolation == "random" else [interpolation]
+    modes = [v2.InterpolationMode(mode) for mode in modes]
     if args.dataset.startswith("cifar"):
-        crop = [v2.Resize(args.img_size, interpolation)] * (args.img_size != 32)
+        crop = [v2.Resize(args.img_size, modes[0])] * (args.img_size != 32)
         crop += [v2.RandomCrop(args.img_size, padding=args.img_size // 8)]
     else:
-        crop = [v2.RandomResizedCrop(args.img_size, interpolation=interpolation)]
-    augment = [v2.RandAugment(args.randaug_n, args.randaug, interpolation=interpolation)] if args.randaug else []
+        crop = [v2.RandomResizedCrop(args.img_size, ratio=tuple(args.crop_ratio), interpolation=mode) for mode in modes]
+        crop = [v2.RandomChoice(crop)] if len(crop) > 1 else crop  # random: bilinear or bicubic, per image
+    fill = [round(255 * m) for m in mean]  # timm fills what geometric operations uncover with the mean
+    augment = [RandAugment(args.randaug_n, args.randaug, args.randaug_mstd, interpolation, fill)] * bool(args.randaug)
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob else []
-    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_normalized_tensor(*mean_std) + erase)
+    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_normalized_tensor(mean, std) + erase)
+
+
+class RandAugment:
+    """timm's RandAugment as DeiT, PVT and the MLP models used it (`rand-m9-mstd0.5-inc1`,
+    `rand-m6-n3-mstd1.0-inc1`): for each image, `num_ops` operations drawn (with replacement) from the
+    table below, each applied with probability 1/2, at a magnitude drawn from a normal distribution
+    N(magnitude, magnitude_std) and clipped to timm's 0-10 scale. The "increasing" variants of timm are
+    used: at a higher magnitude every operation changes the image more. Works on PIL images, as timm's (torch
+    tensors cannot be rotated bicubically); random numbers come from torch, so a sample's augmentation
+    follows its seed.
+
+    At magnitude m (0-10), with "±" a random sign:
+        AutoContrast, Equalize, Invert    no argument
+        Rotate                            ±30 m/10 degrees
+        Posterize                         keep 4 - int(4 m/10) bits
+        Solarize                          invert the pixels >= 256 - int(256 m/10)
+        SolarizeAdd                       add int(110 m/10) to the pixels < 128
+        Color, Contrast, Brightness,      enhancement factor 1 ± 0.9 m/10
+        Sharpness
+        ShearX, ShearY                    shear factor ±0.3 m/10 (about the top-left corner, as PIL's)
+        TranslateX, TranslateY            ±0.45 m/10 of the width / height
+    Geometric operations fill the uncovered pixels with the normalization mean, as timm does.
+    """
+
+    def __init__(self, num_ops, magnitude, magnitude_std=0.0, interpolation="bilinear", fill=(124, 116, 104)):
+        self.num_ops, self.magnitude, self.magnitude_std = num_ops, magnitude, magnitude_std
+        self.interpolation, self.fill = interpolation, list(fill)  # interpolation "random": per operation
+
+    def __call__(self, image):
+        for op in torch.randint(len(self.OPS), (self.num_ops,)).tolist():
+            if torch.rand(()) < 0.5:
+                m = float((self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)) / 10
+                image = self.apply(self.OPS[op], image, m)
+        return image
+
+    OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
+           "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
+
+    def apply(self, name, image, m):
+        """One operation at magnitude m, scaled to [0, 1]."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
+        signed = lambda value: value if torch.rand(()) < 0.5 else -value
+        mode = self.interpolation
+        if mode == "random":
+            mode = "bilinear" if torch.rand(()) < 0.5 else "bicubic"
+        geometry = dict(interpolation=InterpolationMode(mode), fill=self.fill)
+        height, width = F.get_size(image)
+        if name in ("AutoContrast", "Equalize", "Invert"):
+            return {"AutoContrast": F.autocontrast, "Equalize": F.equalize, "Invert": F.invert}[name](image)
+        if name == "Rotate":
+            return F.rotate(image, signed(30 * m), **geometry)
+        if name == "Posterize":
+            return F.posterize(image, 4 - int(4 * m))
+        if name == "Solarize":
+            threshold = 256 - int(256 * m)
+            return F.solarize(image, threshold) if threshold <= 255 else image
+        if name == "SolarizeAdd":
+            return image.point(lambda value: min(255, value + int(110 * m)) if value < 128 else value)
+        if name in ("Color", "Contrast", "Brightness", "Sharpness"):
+            enhance = {"Color": F.adjust_saturation, "Contrast": F.adjust_contrast,
+                       "Brightness": F.adjust_brightness, "Sharpness": F.adjust_sharpness}[name]
+            return enhance(image, 1 + signed(0.9 * m))
+        if name in ("ShearX", "ShearY"):
+            degrees = math.degrees(math.atan(signed(0.3 * m)))
+            shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
+            return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **geometry)
+        shift = [signed(0.45 * m) * width, 0] if name == "TranslateX" else [0, signed(0.45 * m) * height]
+        return F.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], **geometry)
 
 
 def image_folder(root, transform):
@@ -317,8 +479,9 @@ def build_datasets(args):
         train = image_folder(os.path.join(args.data, "train"), train_tf)
         val = image_folder(os.path.join(args.data, "val"), val_tf)
         if train.classes != val.classes:
-            raise UserError(f"{args.data}: train/ has {len(train.classes)} classes and val/ {len(val.classes)}; "
-                            f"both need the same class folders")
+            only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"
+            raise UserError(f"{args.data}: train/ and val/ must have the same class folders: only in train/: "
+                            f"{only(train, val)}; only in val/: {only(val, train)}")
         return train, val, train.classes
     if args.dataset == "shapes":
         train = Shapes(args.train_size, args.img_size, seed=0, transform=train_tf)
@@ -329,17 +492,47 @@ def build_datasets(args):
         return make(args.train_size, 0, train_tf), make(args.val_size, 10 ** 6, val_tf), imagenet_classes()
     root = args.data or "./data"
     if args.dataset == "imagenette":
-        url = datasets.Imagenette._ARCHIVES["320px"][0]
-        placement = f"extract it into {root}, so that {root}/imagenette2-320/train exists"
-        make = lambda split, tf: lambda download: datasets.Imagenette(
-            root, split, "320px", download=download and not os.path.isdir(os.path.join(root, "imagenette2-320")),
-            transform=tf)
-        train = download(make("train", train_tf), url, placement)
-        return train, make("val", val_tf)(False), [names[0] for names in train.classes]  # (name, synonyms...)
+        return imagenette(root, args.img_size, train_tf, val_tf)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     placement = f"extract it into {root}, so that {root}/{cifar.base_folder} exists"
     train = download(lambda download: cifar(root, True, train_tf, download=download), cifar.url, placement)
     return train, cifar(root, False, val_tf), train.classes
+
+
+IMAGENETTE = {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}  # size: folder
+
+
+def imagenette(root, img_size, train_tf, val_tf):
+    """Imagenette from whichever size is extracted in `root` (the one --img-size fits best first), else
+    downloaded in the smallest size that covers --img-size. -> train set, validation set, class names."""
+    from torchvision import datasets
+
+    wanted = "160px" if img_size <= 160 else "320px" if img_size <= 320 else "full"
+    preference = (wanted, "full", "320px", "160px")
+    extracted = [size for size in preference if os.path.isdir(os.path.join(root, IMAGENETTE[size]))]
+    size = extracted[0] if extracted else wanted
+    folder = os.path.join(root, IMAGENETTE[size])
+    make = lambda split, tf, download=False: datasets.Imagenette(root, split, size, download=download, transform=tf)
+    if extracted:
+        check_imagenette(folder, datasets.Imagenette._WNID_TO_CLASS)
+        train = make("train", train_tf)
+    else:
+        placement = f"extract it into {root}, so that {folder}/train/ and val/ exist"
+        train = download(lambda download: make("train", train_tf, download), datasets.Imagenette._ARCHIVES[size][0],
+                         placement)
+    return train, make("val", val_tf), [names[0] for names in train.classes]  # (name, synonyms...)
+
+
+def check_imagenette(folder, class_folders):
+    """An extracted Imagenette must hold train/ and val/, each with its ten class folders."""
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(folder, split)):
+            raise UserError(f"{folder} has no {split}/ folder: extract the whole archive, or delete {folder} to "
+                            f"download it again")
+        missing = [wnid for wnid in class_folders if not os.path.isdir(os.path.join(folder, split, wnid))]
+        if missing:
+            raise UserError(f"{folder}/{split} has no class folder {', '.join(missing)}: Imagenette has ten, named "
+                            f"{', '.join(class_folders)}")
 
 
 def imagenet_classes():
@@ -376,6 +569,32 @@ def mix_seed(*numbers):
     for n in numbers:
         seed = (seed * 1_000_003 + n) % 2 ** 63
     return seed
+
+
+class SkipUnreadable(Dataset):
+    """A dataset whose unreadable images (a corrupt, truncated or empty file) become None, with a warning
+    that names the file, instead of ending the run: one bad file among a million should not cost an epoch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        try:
+            return self.dataset[index]
+        except OSError as e:  # what PIL raises for a file it cannot decode (UnidentifiedImageError included)
+            path = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"item {index}"
+            print(f"warning: skipped an unreadable image: {path} ({e})", file=sys.stderr, flush=True)
+            return None
+
+
+def collate_readable(samples):
+    """A batch of the readable samples -> images (None if there is none), labels, how many were unreadable."""
+    readable = [sample for sample in samples if sample is not None]
+    images, labels = default_collate(readable) if readable else (None, None)
+    return images, labels, len(samples) - len(readable)
 
 
 class SeededSamples(Dataset):
@@ -415,21 +634,32 @@ class SeededSampler(Sampler):
 def build_loaders(args, train_set, val_set, world, rank, pin):
     """Training: shuffled, each process its share, every sample's augmentation seeded (exact resumption,
     whatever the workers). Validation: image i goes to process i % world, so that every image is counted
-    exactly once (no padding with repeats), whatever the number of processes."""
+    exactly once (no padding with repeats), whatever the number of processes. Batches are
+    (images, labels, number of unreadable images skipped)."""
     if args.repeated_aug > 1:
         sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.manualSeed)
     else:
         sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.manualSeed)
-    common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0)
-    train = DataLoader(SeededSamples(train_set), args.train_batch // world,
-                       sampler=SeededSampler(sampler, args.manualSeed, rank), drop_last=False, **common)
-    val = DataLoader(Subset(val_set, range(rank, len(val_set), world)), args.test_batch, **common)
+    common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0,
+                  collate_fn=collate_readable)
+    # drop_last: a short last batch (one image, at worst) would give BatchNorm a single value per channel
+    train = DataLoader(SeededSamples(SkipUnreadable(train_set)), args.train_batch // world,
+                       sampler=SeededSampler(sampler, args.manualSeed, rank), drop_last=True, **common)
+    if len(train) == 0 and not args.evaluate:
+        raise UserError(f"the training set has {len(train.sampler)} images per process, fewer than one batch of "
+                        f"{args.train_batch // world}: lower --train-batch")
+    val = DataLoader(Subset(SkipUnreadable(val_set), range(rank, len(val_set), world)), args.test_batch, **common)
     return train, val
 
 
 # ------------------------------------------------------------------------------------------------
 # 3. Optimization
 # ------------------------------------------------------------------------------------------------
+
+
+def epoch_lr(args, epoch):
+    """The learning rate epoch `epoch` trains at: the schedule's, --lr-step-lag epochs late (DeiT, PVT)."""
+    return lr_at(args, max(epoch - args.lr_step_lag, 0))
 
 
 def lr_at(args, epoch):
@@ -445,13 +675,14 @@ def lr_at(args, epoch):
 
 
 def param_groups(model, weight_decay, nowd_bn, backbone_lr_scale=1.0):
-    """The parameters grouped by weight decay and learning-rate scale. With --nowd-bn, as the original,
-    only the weights of convolutions and linear layers decay (parameters named '...weight' with more than
-    one dimension), not norms, biases or embeddings. The backbone learns at backbone_lr_scale times the
-    head's rate (for fine-tuning)."""
-    groups = {}
+    """The parameters grouped by weight decay and learning-rate scale. With --nowd-bn, as the original (timm's
+    rule): no decay for parameters of one dimension (norms), biases, and those the model names in its
+    `no_weight_decay` (DeiT's position embedding and class token, PVT's class token); convolution and linear
+    weights, and PVT's position embeddings, decay. The backbone learns at backbone_lr_scale times the head's
+    rate (for fine-tuning)."""
+    groups, exempt = {}, getattr(model, "no_weight_decay", ())
     for name, p in model.named_parameters():
-        decay = not nowd_bn or (name.endswith("weight") and p.ndim > 1)
+        decay = not nowd_bn or not (p.ndim <= 1 or name.endswith(".bias") or name in exempt)
         scale = 1.0 if name.startswith("head.") else backbone_lr_scale
         groups.setdefault((decay, scale), []).append(p)
     return [dict(params=params, weight_decay=weight_decay if decay else 0.0, lr_scale=scale)
@@ -533,6 +764,11 @@ def setup_processes(args):
                         f"{world} processes; use a multiple of {world}")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if args.use_amp and device.type == "cpu" and args.amp_dtype == "float16":
+        args.use_amp = False  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
+        if rank == 0:
+            print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
+                  "(--amp-dtype bfloat16 gives mixed precision on a CPU)")
     autocast = torch.autocast(device.type, getattr(torch, args.amp_dtype), enabled=args.use_amp)
     return Processes(distributed, world, rank, local_rank, device, autocast)
 
@@ -546,9 +782,14 @@ def build_model(args, num_classes, checkpoint, procs):
     """The model the flags ask for (-> model, its config as checkpoints record it), with the weights of
     --pretrained-backbone and then of --resume, on its device."""
     head_args = dict(head_num=args.head_num, key_ratio=args.key_ratio, dropout=args.dropout) if args.use_noah else {}
+    pre_logits = pre_logits_width(checkpoint)
+    if pre_logits:
+        procs.print(f"{args.resume} has the pre-logits layer of the original narrow DeiTs (to {pre_logits} "
+                    f"channels): the model is built with it")
     try:
         model = noah.create_model(args.arch, num_classes, head="noah" if args.use_noah else "gap", **head_args,
-                                  img_size=args.img_size, drop_rate=args.drop, drop_path_rate=args.drop_path)
+                                  img_size=args.img_size, drop_rate=args.drop, drop_path_rate=args.drop_path,
+                                  representation_size=pre_logits)
     except ValueError as e:
         raise UserError(str(e)) from None
     config = dict(arch=args.arch, use_noah=args.use_noah, head_num=None, key_ratio=None)
@@ -576,6 +817,15 @@ def build_model(args, num_classes, checkpoint, procs):
     return model, config
 
 
+def pre_logits_width(checkpoint):
+    """The width of the pre-logits layer that the original narrow DeiTs have, if the checkpoint has one."""
+    try:
+        state = noah.read_state_dict(checkpoint) if checkpoint is not None else {}
+    except ValueError:  # not a checkpoint: load_checkpoint says so in its own words
+        return None
+    return next((value.shape[0] for key, value in state.items() if key.endswith("pre_logits.fc.weight")), None)
+
+
 def wrap_model(model, args, procs):
     """What runs the batches: the model itself, compiled (--compile) and/or wrapped for DDP. The
     wrappers share the model's parameters, so the optimizer and checkpoints use `model` directly."""
@@ -597,14 +847,14 @@ def read_checkpoint_file(path):
 
 
 def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
-    """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far. A file of
-    another program only gave its weights (in build_model): the run starts at epoch 1."""
+    """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far (read beside the
+    resumed file, also when the run forks into another folder). A file of another program only gave its
+    weights (in build_model): the run starts at epoch 1."""
     if checkpoint is None:
         return 0, 0.0, []
     if "config" not in checkpoint:
         procs.print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
         return 0, 0.0, []
-    args.checkpoint = os.path.dirname(args.resume) or "."  # the original keeps writing beside the resumed file
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as e:
@@ -612,7 +862,7 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     scaler.load_state_dict(checkpoint.get("scaler", {}))
     if ema is not None and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
-    start_epoch, log_path = checkpoint["epoch"], os.path.join(args.checkpoint, "log.jsonl")
+    start_epoch, log_path = checkpoint["epoch"], os.path.join(os.path.dirname(args.resume), "log.jsonl")
     log = []
     if procs.is_main and os.path.exists(log_path):
         log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
@@ -620,17 +870,48 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
 
 
 def save_atomically(state, path):
-    """Write to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file beside `path`, then rename: `path` is always a whole file, the old one or
+    the new. A failed write removes its partial file and says why, in words (a full disk, a permission)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+        full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 20
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = "the disk is full" if full else getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+        raise UserError(f"could not save {path}: {reason}") from None
 
 
 def save_checkpoint(state, is_best, folder):
     """checkpoint.pth.tar after every epoch, and model_best.pth.tar when the epoch is the best so far."""
-    save_atomically(state, os.path.join(folder, "checkpoint.pth.tar"))
-    if is_best:
-        save_atomically(state, os.path.join(folder, "model_best.pth.tar"))
+    last = os.path.join(folder, "checkpoint.pth.tar")
+    kept = "no checkpoint was written"
+    if os.path.exists(last):
+        kept = f"the last good checkpoint, epoch {state['epoch'] - 1}, is kept"
+    try:
+        save_atomically(state, last)
+        kept = f"{last} holds epoch {state['epoch']}"
+        if is_best:
+            save_atomically(state, os.path.join(folder, "model_best.pth.tar"))
+    except UserError as e:
+        raise UserError(f"{e}; {kept}") from None
+
+
+def prepare_folder(folder):
+    """Before any work: make sure the run can write into its folder (a run that cannot save must not train
+    for hours first), and remove the partial files of saves that a killed run left behind."""
+    try:
+        if os.path.isfile(folder):
+            raise NotADirectoryError(0, "it is a file")
+        os.makedirs(folder, exist_ok=True)
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UserError(f"cannot write into {folder} (--checkpoint): {e.strerror}") from None
+    for name in os.listdir(folder):
+        if re.fullmatch(r"(checkpoint|model_best)\.pth\.tar\.tmp\d+|log\.jsonl\.tmp", name):
+            os.remove(os.path.join(folder, name))
 
 
 def log_epoch(log, record, folder, epochs):
@@ -638,13 +919,19 @@ def log_epoch(log, record, folder, epochs):
     redoes) and curves.png, and print it."""
     log.append(record)
     path = os.path.join(folder, "log.jsonl")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in log)
-    os.replace(path + ".tmp", path)
-    plot_curves(log, os.path.join(folder, "curves.png"))
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in log)
+        os.replace(path + ".tmp", path)
+        plot_curves(log, os.path.join(folder, "curves.png"))
+    except OSError as e:
+        raise UserError(f"could not write the log in {folder}: {e.strerror}; the checkpoint of epoch "
+                        f"{record['epoch']} is saved") from None
+    skipped = record["unreadable_train_images"]
     print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
           f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
-          f"{record['images_per_s']:.0f} img/s", flush=True)
+          f"{record['images_per_s']:.0f} img/s" + (f"  {skipped} unreadable training images skipped" * bool(skipped)),
+          flush=True)
 
 
 def plot_curves(log, path):
@@ -683,14 +970,16 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     loader.sampler.set_epoch(epoch)
     batches = iter(loader)  # starting the loader draws random numbers, so reseed after it
     reseed(args.manualSeed, epoch, procs.rank)
-    lr = lr_at(args, epoch)
+    lr = epoch_lr(args, epoch)
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     net.train()
-    started, seen, loss_sum, hits = time.time(), 0, 0.0, 0
+    started, seen, loss_sum, hits, unreadable = time.time(), 0, 0.0, 0, 0
+    epoch_images = len(loader) * loader.batch_size * procs.world
     bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if procs.is_main else True)  # None: only on a terminal, not in logs or notebooks
-    for step, (images, labels) in enumerate(bar):
+    for step, (images, labels, skipped) in enumerate(bar):
+        unreadable = count_unreadable(images, skipped, unreadable, epoch_images, args, procs)
         images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -718,7 +1007,23 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     seconds = time.time() - started
     loss_sum, hits, seen = sum_over_processes([loss_sum, hits, seen], procs)
     return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
-                images_per_s=seen / seconds, seconds=seconds)  # train top-1: on augmented images, in train mode
+                images_per_s=seen / seconds, seconds=seconds,  # train top-1: on augmented images, in train mode
+                unreadable_train_images=int(unreadable))
+
+
+def count_unreadable(images, skipped, so_far, epoch_images, args, procs):
+    """The unreadable training images of the epoch so far, this batch's added (over all processes, so that
+    all decide alike). Stops the run when more than half of a batch, a whole batch on one process, or more
+    than --max-unreadable of the epoch's images could not be read: then the data needs looking at."""
+    readable = 0 if images is None else len(images)
+    skipped, batch, empty = sum_over_processes([skipped, skipped + readable, images is None], procs)
+    if 2 * skipped > batch or empty:
+        raise UserError(f"{skipped:.0f} of the {batch:.0f} images of a training batch are unreadable: more than half "
+                        f"of a batch; the files are named above")
+    if so_far + skipped > args.max_unreadable * epoch_images:
+        raise UserError(f"{so_far + skipped:.0f} of the epoch's {epoch_images} training images are unreadable, more "
+                        f"than --max-unreadable {args.max_unreadable:g} of them; the files are named above")
+    return so_far + skipped
 
 
 def mean_over_processes(value, procs):
@@ -751,20 +1056,25 @@ def stop_if_not_finite(loss, epoch, step, steps, args):
 
 
 def evaluate(net, loader, procs, progress=True):
-    """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once."""
+    """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once (the
+    unreadable ones are skipped and counted apart)."""
     net.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=procs.device)  # loss sum, top-1 hits, top-5 hits, images
+    unreadable = 0
     with torch.no_grad():
         disable = None if progress and procs.is_main else True  # None: only on a terminal
-        for images, targets in tqdm(loader, desc="  eval", leave=False, disable=disable):
+        for images, targets, skipped in tqdm(loader, desc="  eval", leave=False, disable=disable):
+            unreadable += skipped
+            if images is None:
+                continue
             images, targets = images.to(procs.device, non_blocking=True), targets.to(procs.device, non_blocking=True)
             with procs.autocast:
                 logits = net(images)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
             totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
                                    top5.any(dim=1).sum(), torch.tensor(len(targets), device=procs.device)]).double()
-    loss, top1, top5, n = sum_over_processes(totals, procs)
-    return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n))
+    loss, top1, top5, n, unreadable = sum_over_processes([*totals.tolist(), unreadable], procs)
+    return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n), unreadable=int(unreadable))
 
 
 def evaluate_and_report(net, loader, procs):
@@ -807,13 +1117,41 @@ def choose_seed(args, checkpoint):
     torch.manual_seed(args.manualSeed)
 
 
+class Interrupted(UserError):
+    """Ctrl-C during training: said in one line, with where the last checkpoint is."""
+
+
+@contextlib.contextmanager
+def interruptible(folder):
+    try:
+        yield
+    except KeyboardInterrupt:
+        last = os.path.join(folder, "checkpoint.pth.tar")
+        where = f"the last checkpoint is {last}" if os.path.exists(last) else "no checkpoint was written yet"
+        raise Interrupted(f"interrupted; {where}") from None
+
+
+def finish(args, start_epoch, best_acc, procs):
+    if start_epoch >= args.epochs:
+        procs.print(f"nothing to train: the run is at epoch {start_epoch} of --epochs {args.epochs}")
+    else:
+        procs.print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
+    if procs.distributed:
+        dist.destroy_process_group()
+
+
 def main(argv=None):
     args = parse_args(argv)
     if (args.evaluate or args.show_pocas) and not args.resume:
         flag = "--evaluate" if args.evaluate else "--show-pocas"
         raise UserError(f"{flag} needs --resume PATH: the checkpoint to use")
-    procs = setup_processes(args)
     checkpoint = read_checkpoint_file(args.resume) if args.resume else None
+    overrides = restore_arguments(args, argv, checkpoint)
+    procs = setup_processes(args)
+    for line in overrides:
+        procs.print(line)
+    if procs.is_main and not args.evaluate:
+        prepare_folder(args.checkpoint)
     choose_seed(args, checkpoint)
     if args.show_pocas:  # no data needed: the classes are the checkpoint's, or ImageNet's
         classes = checkpoint.get("classes") or imagenet_classes()
@@ -833,23 +1171,22 @@ def main(argv=None):
     optimizer, scaler, ema = build_optimizer(model, args, procs.device)
     start_epoch, best_acc, log = restore_run(args, checkpoint, optimizer, scaler, ema, procs)
     mixup_cutmix = build_mixup_cutmix(args, len(classes))
-    os.makedirs(args.checkpoint, exist_ok=True)
-    for epoch in range(start_epoch, args.epochs):
-        record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs)
-        result = evaluate(net, val_loader, procs)
-        record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"])
-        if ema is not None:
-            record["ema_val_top1"] = evaluate(ema, val_loader, procs, progress=False)["top1"]
-        best_acc = max(best_acc, result["top1"])
-        if procs.is_main:
-            state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, state_dict=model.state_dict(),
-                         acc=result["top1"], best_acc=best_acc, optimizer=optimizer.state_dict(),
-                         scaler=scaler.state_dict(), args=vars(args), **({"ema": ema.state_dict()} if ema else {}))
-            save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
-            log_epoch(log, record, args.checkpoint, args.epochs)
-    procs.print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
-    if procs.distributed:
-        dist.destroy_process_group()
+    with interruptible(args.checkpoint):
+        for epoch in range(start_epoch, args.epochs):
+            record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs)
+            result = evaluate(net, val_loader, procs)
+            record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
+                          unreadable_val_images=result["unreadable"])
+            if ema is not None:
+                record["ema_val_top1"] = evaluate(ema, val_loader, procs, progress=False)["top1"]
+            best_acc = max(best_acc, result["top1"])
+            if procs.is_main:
+                state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, acc=result["top1"],
+                             state_dict=model.state_dict(), best_acc=best_acc, optimizer=optimizer.state_dict(),
+                             scaler=scaler.state_dict(), args=vars(args), **({"ema": ema.state_dict()} if ema else {}))
+                save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
+                log_epoch(log, record, args.checkpoint, args.epochs)
+    finish(args, start_epoch, best_acc, procs)
     return dict(best_acc=best_acc, log=log)
 
 
@@ -858,5 +1195,8 @@ if __name__ == "__main__":
         main()
     except UserError as e:
         if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+            print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
+        sys.exit(130 if isinstance(e, Interrupted) else 1)
+    except KeyboardInterrupt:  # before training began: nothing was written
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

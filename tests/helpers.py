@@ -61,6 +61,20 @@ def in_original_layout(model, prefix=""):
     return state
 
 
+def timm_style(model):
+    """The original ViT and MLP models' layout (timm's): a fused qkv, a linear standard head."""
+    state = {}
+    for key, value in in_original_layout(model).items():
+        if key.endswith("attn.q.weight") or key.endswith("attn.q.bias"):
+            kv = model.state_dict()[key.replace("attn.q.", "attn.kv.")]
+            state[key.replace("attn.q.", "attn.qkv.")] = torch.cat((value, kv))
+        elif ".attn.kv." in key and not key.startswith("block"):  # PVT keeps q and kv apart
+            continue
+        else:
+            state[key.replace("head.2.", "head.")] = value
+    return state
+
+
 def save_original_checkpoint(model, path, prefix):
     torch.save({"epoch": 100, "state_dict": in_original_layout(model, prefix), "acc": torch.tensor(71.8),
                 "best_acc": torch.tensor(71.8), "optimizer": {"state": {}, "param_groups": []}}, path)

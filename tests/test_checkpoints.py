@@ -11,7 +11,7 @@ import torchvision
 
 import noah
 import train
-from helpers import build, in_original_layout, save_original_checkpoint
+from helpers import build, in_original_layout, save_original_checkpoint, timm_style
 
 REFERENCE = Path(__file__).parent / "data" / "official-cnn-state-dict-keys.txt"
 
@@ -53,20 +53,6 @@ def test_original_checkpoints_load_and_give_the_same_outputs(name, head, prefix,
     x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), original(x), rtol=0, atol=0)
-
-
-def timm_style(model):
-    """The original ViT and MLP models' layout (timm's): a fused qkv, a linear standard head."""
-    state = {}
-    for key, value in in_original_layout(model).items():
-        if key.endswith("attn.q.weight") or key.endswith("attn.q.bias"):
-            kv = model.state_dict()[key.replace("attn.q.", "attn.kv.")]
-            state[key.replace("attn.q.", "attn.qkv.")] = torch.cat((value, kv))
-        elif ".attn.kv." in key and not key.startswith("block"):  # PVT keeps q and kv apart
-            continue
-        else:
-            state[key.replace("head.2.", "head.")] = value
-    return state
 
 
 @pytest.mark.parametrize("name, head", [("deit_tiny_patch16_224", "noah"), ("deit_tiny_patch16_224", "gap"),
