@@ -10,7 +10,8 @@ look for itself where in the image it is. Read this file top to bottom:
   2. CNN backbones: ResNet, MobileNetV2, MobileNetV3-Small, ShuffleNetV2.
   3. Token backbones: DeiT and PVT (vision transformers), MLP-Mixer and gMLP (MLPs).
   4. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
-  5. Seeing the POCAs: `poca_maps`, `show_pocas` and the pointing game.
+  5. Seeing the POCAs: `poca_maps`, `show_pocas`; `class_evidence` (NOAH's, and the standard head's class
+     activation map), `show_evidence`, and two localization scores (`pointing_game`, `evidence_in_box`).
   6. Checkpoints: `load_checkpoint` (this project's, the original's, torchvision's, timm's), `load_backbone`.
 
 Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
@@ -22,6 +23,7 @@ import argparse
 import math
 import re
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from typing import Callable
@@ -110,12 +112,21 @@ class NOAH(nn.Module):
         """Keys (N, Ck/N, B*L) -> POCAs (N, K, B, L): per head, class and image, a softmax over positions."""
         return rearrange(self.query(keys), "n k (b l) -> n k b l", b=batch).softmax(dim=-1)
 
-    def forward(self, x):
+    def weighted_values(self, x):
+        """(B, C, H, W) -> attention x value (N, K, B, L): what each head gives each class at each position."""
         batch = x.shape[0]
         keys, values = self.split(x)
         attention = self.attend(keys, batch)  # (N, K, B, L)
         values = rearrange(self.dropout(self.value(values)), "n k (b l) -> n k b l", b=batch)  # (N, K, B, L)
-        return reduce(attention * values, "n k b l -> b k", "sum")
+        return attention * values
+
+    def forward(self, x):
+        return reduce(self.weighted_values(x), "n k b l -> b k", "sum")
+
+    def evidence(self, x):
+        """Each head's evidence for each class at each position: (B, C, H, W) -> (B, N, K, H, W), which sums
+        over heads and positions to the logits."""
+        return rearrange(self.weighted_values(x), "n k b (h w) -> b n k h w", h=x.shape[-2])
 
     def poca_maps(self, x):
         """The POCAs as maps, from the same split and projection as forward: (B, C, H, W) -> (B, N, K, H, W)."""
@@ -959,7 +970,7 @@ def backbone_settings(name, entry, img_size, drop_rate, drop_path_rate, represen
 
 
 # ------------------------------------------------------------------------------------------------
-# 5. Seeing the POCAs
+# 5. Seeing the POCAs, and where each head finds its evidence
 # ------------------------------------------------------------------------------------------------
 
 
@@ -973,13 +984,10 @@ def poca_maps(model, images, classes=None, upsample=True):
     """
     if not isinstance(model.head, NOAH):
         raise ValueError("POCA maps come from the NOAH head; this model has the standard head")
-    training = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         features = model.forward_features(images)
         logits = model.head(features)
         maps = model.head.poca_maps(features)  # (B, N, K, h, w)
-    model.train(training)
     if classes is None:
         classes = logits.argmax(dim=1)
     classes = torch.as_tensor(classes, device=maps.device).expand(len(images))
@@ -989,8 +997,76 @@ def poca_maps(model, images, classes=None, upsample=True):
     return maps, classes, logits
 
 
+@contextmanager
+def evaluating(model):
+    """Run the model in eval mode without gradients, then put it back as it was."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
+def class_evidence(model, images, per_head=False):
+    """Where each class's logit comes from: for each image and class, a map over the last feature map's
+    positions whose sum is exactly that logit (eval mode), so that both heads can be compared on the same images.
+
+    NOAH: attention x value summed over the heads, (B, K, H, W); with per_head=True, (B, N, K, H, W).
+    GAP + FC: the class activation map (CAM, Zhou et al. 2016), the linear layer applied at every position and
+    divided by the number of positions, (W f + b) / L, (B, K, H, W): pooling then the layer is its sum.
+    A standard head that is not a sum over positions (DeiT and PVT read their class token; MobileNetV3-Small
+    pools before a non-linear layer) has no such map: a ValueError says so.
+    """
+    reason = not_a_sum_over_positions(model)
+    if reason:
+        raise ValueError(f"no class evidence for this {type(model).__name__}: {reason}; its NOAH head has exact "
+                         f"evidence (head='noah'), and so do the standard heads of ResNet, MobileNetV2, "
+                         f"ShuffleNetV2, Mixer and gMLP")
+    if per_head and not isinstance(model.head, NOAH):
+        raise ValueError("per_head=True: only the NOAH head has heads")
+    with evaluating(model):
+        features = model.forward_features(images)  # (B, C, H, W)
+        if isinstance(model.head, NOAH):
+            evidence = model.head.evidence(features)  # (B, N, K, H, W)
+            return evidence if per_head else evidence.sum(dim=1)
+        fc, positions = model.head.fc, features.shape[-2] * features.shape[-1]
+        cam = einsum(features, fc.weight, "b c h w, k c -> b k h w") + rearrange(fc.bias, "k -> k 1 1")
+        return cam / positions
+
+
+def not_a_sum_over_positions(model):
+    """Why a model's logits are not a sum of per-position evidence, or None where they are."""
+    if isinstance(model.head, NOAH):
+        return None
+    if getattr(model, "class_token", False):
+        return "its standard head classifies the class token, not a sum over the positions"
+    if getattr(model, "pool_first", False):
+        return "its standard head pools before a non-linear 1x1 conv (h-swish), so the logit is no sum over positions"
+    return None
+
+
+def evidence_in_box(maps, boxes, image_size):
+    """A threshold-free localization score: the share of each map's positive mass that lies inside the object's
+    box. maps: (B, h, w) on the feature grid; boxes: (B, 4) as (x0, y0, x1, y1) pixels of an image of image_size
+    (H, W). A grid cell counts by the fraction of its area the box covers; a uniform map scores the box's
+    share of the image. Returns (B,) in [0, 1]."""
+    (H, W), (h, w) = image_size, maps.shape[-2:]
+    x0, y0, x1, y1 = boxes.unbind(dim=1)
+
+    def covered(low, high, cells, size):  # (B, cells): the fraction of each cell's extent inside [low, high]
+        edges = torch.arange(cells + 1, device=boxes.device) * size / cells
+        inside = torch.minimum(edges[1:], high[:, None]) - torch.maximum(edges[:-1], low[:, None])
+        return inside.clamp(min=0) / (size / cells)
+
+    inside = einsum(covered(y0, y1, h, H), covered(x0, x1, w, W), "b h, b w -> b h w")
+    positive = maps.clamp(min=0)
+    return (positive * inside).sum(dim=(1, 2)) / positive.sum(dim=(1, 2)).clamp(min=1e-12)
+
+
 def pointing_game(maps, boxes, image_size):
-    """The pointing game on POCA maps: does each map's peak fall inside the object's box?
+    """The pointing game on maps (POCAs, class evidence, CAMs): does each map's peak fall inside the object's box?
 
     maps: (B, h, w) on the feature grid (e.g. a class's maps summed over heads); the point is the centre
     of the peak cell, in pixels of an image of image_size (H, W). boxes: (B, 4) as (x0, y0, x1, y1) pixels.
@@ -1009,35 +1085,102 @@ def denormalize(image, mean, std):
     return rearrange((image.detach().cpu() * std + mean).clamp(0, 1), "c h w -> h w c").numpy()
 
 
-def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None):
-    """Draw what NOAH looked at in one image: a row for each of its top-k classes, titled with the class
-    and its softmax score, showing the image under the sum of the heads' POCA maps, then each head's map.
+def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, upsample="nearest"):
+    """Draw what NOAH looked at in one image: a row for each of its top-k classes (named, with its softmax score)
+    showing the image alone, then the image under the mean of the heads' POCA maps, then under each head's map,
+    all on one colour scale. upsample="nearest" shows the feature grid's true cells, "smooth" interpolates.
 
-    image: (3, H, W), normalized with mean and std (undone for display; by default the model's own,
-    from its `data_config`). Returns a matplotlib Figure.
+    image: (3, H, W), normalized with mean and std (default: the model's data_config). Returns a Figure.
     """
     import matplotlib.pyplot as plt
 
-    config = getattr(model, "data_config", {})  # set by create_model; ImageNet's normalization otherwise
-    picture = denormalize(image, mean or config.get("mean", MEAN_STD["imagenet"][0]),
-                          std or config.get("std", MEAN_STD["imagenet"][1]))
-    _, _, logits = poca_maps(model, image[None])
+    picture = denormalize(image, *normalization(model, mean, std))
+    _, _, logits = poca_maps(model, image[None], upsample=False)
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
-    heads = model.head.head_num
-    fig, axes = plt.subplots(len(top), heads + 1, figsize=(1.9 * (heads + 1), 2.1 * len(top)), squeeze=False)
-    all_maps = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top)[0].cpu()  # (top_k, N, H, W)
-    for row, (score, k, maps) in enumerate(zip(scores.tolist(), top.tolist(), all_maps)):
-        name = class_names[k] if class_names is not None else f"class {k}"
+    grid = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)[0].cpu()
+    heads, (h, w) = grid.shape[1], grid.shape[-2:]
+    panels = torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1)  # (top_k, 1 + N, h, w)
+    fig, axes = plt.subplots(len(top), heads + 2, figsize=(1.6 * (heads + 2) + 1, 1.7 * len(top) + 0.7),
+                             squeeze=False, layout="constrained")
+    for row, (score, k) in enumerate(zip(scores.tolist(), top.tolist())):
         axes[row, 0].imshow(picture)
-        axes[row, 0].imshow(maps.sum(dim=0).numpy(), cmap="jet", alpha=0.5)
-        axes[row, 0].set_title(f"{name} ({score:.0%})\nsum of {heads} heads", fontsize=9)
-        for n in range(heads):
-            axes[row, n + 1].imshow(maps[n].numpy(), cmap="viridis")
-            axes[row, n + 1].set_title(f"head {n + 1}", fontsize=9)
-    for ax in axes.flat:
-        ax.axis("off")
-    fig.tight_layout()
+        axes[row, 0].set_ylabel(f"{class_name(class_names, k)} ({score:.0%})", fontsize=9)
+        for col, panel in enumerate(panels[row]):
+            shown = overlay(axes[row, col + 1], picture, panel, upsample, cmap="viridis", vmin=0,
+                            vmax=panels.max().item())
+    titles = ["image", f"mean of {heads} heads"] + [f"head {n + 1}" for n in range(heads)]
+    finish_figure(fig, axes, titles, f"POCA maps on the {h} x {w} feature grid ({upsample} upsampling)")
+    fig.colorbar(shown, ax=axes, shrink=0.8, label="attention (a map sums to 1)")
     return fig
+
+
+def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None, upsample="nearest"):
+    """NOAH against the standard head, side by side on one image: for each of the first model's top-k classes,
+    the image, then for each model (a dict, label -> model) where it finds that class: a NOAH model's POCA
+    (mean of the heads) and its class evidence, a standard head's class activation map (CAM). The evidence
+    maps share one colour scale (red for, blue against the class; each sums to its model's logit).
+    """
+    import matplotlib.pyplot as plt
+
+    first = next(iter(models.values()))
+    picture = denormalize(image, *normalization(first, mean, std))
+    with evaluating(first):
+        scores, top = first(image[None]).softmax(dim=1)[0].topk(top_k)
+    columns, titles = [], ["image"]  # (kind, maps (top_k, h, w)), one per panel
+    for label, model in models.items():
+        if isinstance(model.head, NOAH):
+            attention, _, _ = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)
+            columns.append(("attention", attention.mean(dim=1)))
+            titles.append(f"{label}: POCA")
+        evidence = class_evidence(model, image[None])[0]  # (K, h, w)
+        columns.append(("evidence", evidence[top]))
+        titles.append(f"{label}: {'evidence' if isinstance(model.head, NOAH) else 'CAM'}")
+    limit = max(maps.abs().max().item() for kind, maps in columns if kind == "evidence")
+    styles = {"attention": dict(cmap="viridis", vmin=0), "evidence": dict(cmap="RdBu_r", vmin=-limit, vmax=limit)}
+    fig, axes = plt.subplots(len(top), len(columns) + 1, figsize=(2.1 * (len(columns) + 1) + 1.2, 2.1 * len(top) + 0.7),
+                             squeeze=False, layout="constrained")
+    shown = {}
+    for row, (score, k) in enumerate(zip(scores.tolist(), top.tolist())):
+        axes[row, 0].imshow(picture)
+        axes[row, 0].set_ylabel(f"{class_name(class_names, k)} ({score:.0%})", fontsize=9)
+        for col, (kind, maps) in enumerate(columns):
+            shown[kind] = overlay(axes[row, col + 1], picture, maps[row].cpu(), upsample, **styles[kind])
+    h, w = columns[0][1].shape[-2:]
+    finish_figure(fig, axes, titles, f"where each head finds the class, on the {h} x {w} feature grid "
+                                     f"({upsample} upsampling)")
+    for kind, label in (("attention", "attention"), ("evidence", "evidence (sums to the logit)")):
+        if kind in shown:
+            fig.colorbar(shown[kind], ax=axes, shrink=0.8, label=label)
+    return fig
+
+
+def normalization(model, mean, std):
+    config = getattr(model, "data_config", {})  # set by create_model; ImageNet's normalization otherwise
+    return mean or config.get("mean", MEAN_STD["imagenet"][0]), std or config.get("std", MEAN_STD["imagenet"][1])
+
+
+def class_name(class_names, k):
+    return class_names[k] if class_names is not None else f"class {k}"
+
+
+def overlay(ax, picture, grid_map, upsample, **style):
+    """The picture, and over it (half transparent) a map on the feature grid stretched to the picture's size:
+    upsample="nearest" draws the grid's true cells, "smooth" interpolates bilinearly."""
+    if upsample not in ("nearest", "smooth"):
+        raise ValueError(f"upsample={upsample!r}: choose 'nearest' (the true grid) or 'smooth'")
+    height, width = picture.shape[:2]
+    ax.imshow(picture)
+    return ax.imshow(torch.as_tensor(grid_map).cpu().numpy(), extent=(0, width, height, 0), alpha=0.6,
+                     interpolation="nearest" if upsample == "nearest" else "bilinear", **style)
+
+
+def finish_figure(fig, axes, column_titles, title):
+    for ax, column_title in zip(axes[0], column_titles):
+        ax.set_title(column_title, fontsize=9)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.suptitle(title, fontsize=10)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ def get_parser():
                    "checkpoint brings back its run's flags, those given on the command line win")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
     p.add_argument("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
-    p.add_argument("--show-pocas", nargs="+", metavar="IMAGE", help="draw the POCA maps of --resume's model on "
+    p.add_argument("--show-pocas", nargs="+", metavar="IMAGE", help="draw where --resume's model finds its top "
+                   "classes (POCAs and class evidence with NOAH, the class activation map without) on "
                    "these images, into --checkpoint")
     p.add_argument("--top-k", type=int, default=3, help="--show-pocas: the classes to draw per image")
     return p
@@ -1085,24 +1086,34 @@ def evaluate_and_report(net, loader, procs):
     return result
 
 
-def write_poca_figures(model, args, classes, device):
-    """Draw each image's POCA maps (noah.show_pocas), prepared as for evaluation, into --checkpoint."""
+def write_figures(model, args, classes, device):
+    """--show-pocas: for each image, prepared as for evaluation, where the model finds its top classes, into
+    --checkpoint: evidence_<image>.png (noah.show_evidence: POCA and class evidence with NOAH, the class
+    activation map with the standard head), and with NOAH pocas_<image>.png (every head, noah.show_pocas)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     from PIL import Image
 
-    if not args.use_noah:
-        raise UserError("--show-pocas needs a model with the NOAH head: add --use_noah")
-    transform, mean, std = build_transforms(args, train=False), *noah.MEAN_STD[args.normalize]
-    os.makedirs(args.checkpoint, exist_ok=True)
+    reason = noah.not_a_sum_over_positions(model)
+    if reason:
+        raise UserError(f"--show-pocas: {args.arch} has no class activation map, as {reason}; use --use_noah")
+    transform, (mean, std) = build_transforms(args, train=False), noah.MEAN_STD[args.normalize]
     paths = []
     for image_path in args.show_pocas:
         try:
             image = transform(Image.open(image_path).convert("RGB")).to(device)
         except OSError as e:
             raise UserError(f"cannot read the image {image_path}: {e}") from None
-        figure = noah.show_pocas(model, image, classes, args.top_k, mean, std)
-        paths.append(os.path.join(args.checkpoint, f"pocas_{os.path.splitext(os.path.basename(image_path))[0]}.png"))
-        figure.savefig(paths[-1], dpi=110)
-        print(f"{image_path} -> {paths[-1]}")
+        figures = {"evidence": noah.show_evidence({"NOAH" if args.use_noah else "GAP + FC": model}, image, classes,
+                                                  args.top_k, mean, std)}
+        if args.use_noah:
+            figures["pocas"] = noah.show_pocas(model, image, classes, args.top_k, mean, std)
+        stem = os.path.splitext(os.path.basename(image_path))[0]
+        for kind, figure in figures.items():
+            paths.append(os.path.join(args.checkpoint, f"{kind}_{stem}.png"))
+            figure.savefig(paths[-1], dpi=110)
+            print(f"{image_path} -> {paths[-1]}")
     return paths
 
 
@@ -1161,7 +1172,7 @@ def main(argv=None):
     procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
                 f"classes, {procs.world} process(es) on {procs.device.type}")
     if args.show_pocas:
-        return write_poca_figures(model, args, classes, procs.device)
+        return write_figures(model, args, classes, procs.device)
     net = wrap_model(model, args, procs)
     train_loader, val_loader = build_loaders(args, train_set, val_set, procs.world, procs.rank,
                                              pin=procs.device.type == "cuda")

@@ -40,7 +40,8 @@ def monkeypatch_module():
     ("01_noah_head.ipynb", ["the same as the module's: True", "grouped-convolution form gives the same logits: True",
                             "uniform-attention NOAH equals GAP + a linear layer: True", "resnet50 "]),
     ("02_quick_training.ipynb", ["NOAH      best validation top-1", "GAP + FC  best validation top-1"]),
-    ("03_poca_maps.ipynb", ["pointing game: NOAH", "in its own tile"]),
+    ("03_poca_maps.ipynb", ["pointing game: NOAH", "in its own tile", "GAP + FC: CAM", "peaks on its own tile",
+                            "random point, uniform map"]),
 ])
 def test_notebook_runs_top_to_bottom(notebook, expected, notebook_runs):
     from nbclient import NotebookClient

@@ -270,11 +270,26 @@ def test_train_shows_the_pocas_of_a_checkpoint(image_folder, tmp_path):
     picture = next((image_folder / "val" / "plum").iterdir())
     done = run(small_run(image_folder, tmp_path / "maps", "--resume", tmp_path / "checkpoint.pth.tar",
                          "--show-pocas", picture, "--top-k", 2))
-    written = tmp_path / "maps" / f"pocas_{picture.stem}.png"
-    assert f"{picture} -> {written}" in done.stdout and written.read_bytes()[:4] == b"\x89PNG"
+    for kind in ("pocas", "evidence"):  # every head's POCAs; POCA and class evidence side by side
+        written = tmp_path / "maps" / f"{kind}_{picture.stem}.png"
+        assert f"{picture} -> {written}" in done.stdout and written.read_bytes()[:4] == b"\x89PNG"
     done = run(small_run(image_folder, tmp_path, "--no-use_noah", "--show-pocas", picture, "--resume",
                          tmp_path / "checkpoint.pth.tar"), check=False)
     assert done.returncode == 1 and "holds resnet18 with NOAH" in done.stderr
+
+
+@pytest.mark.slow
+def test_train_shows_the_class_activation_map_of_a_standard_head(image_folder, tmp_path):
+    run(small_run(image_folder, tmp_path, "--no-use_noah"))
+    picture = next((image_folder / "val" / "plum").iterdir())
+    done = run(small_run(image_folder, tmp_path / "maps", "--no-use_noah", "--resume", tmp_path / "checkpoint.pth.tar",
+                         "--show-pocas", picture))
+    assert (tmp_path / "maps" / f"evidence_{picture.stem}.png").exists()
+    assert not (tmp_path / "maps" / f"pocas_{picture.stem}.png").exists()
+    run(small_run(image_folder, tmp_path / "deit", "--arch", "deit_tiny_patch16_224", "--no-use_noah"))
+    done = run(small_run(image_folder, tmp_path / "deit", "--arch", "deit_tiny_patch16_224", "--no-use_noah",
+                         "--resume", tmp_path / "deit" / "checkpoint.pth.tar", "--show-pocas", picture), check=False)
+    fails_cleanly(done, "deit_tiny_patch16_224 has no class activation map, as its standard head classifies the class")
 
 
 # --- bad input: one clear line, a non-zero exit, no traceback, no file lost ---------------------------------------

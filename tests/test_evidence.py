@@ -1,0 +1,105 @@
+"""Class evidence, NOAH against GAP: maps that sum to the logits for both heads, the localization score, and
+figures that show the image under every map, on shared colour scales, with titles that do not overlap."""
+import itertools
+
+import matplotlib
+import pytest
+import torch
+
+import noah
+from helpers import build
+
+matplotlib.use("Agg")
+
+NOT_A_SUM = {("deit", "gap"): "classifies the class token", ("pvt", "gap"): "classifies the class token",
+             ("mobilenetv3", "gap"): "pools before a non-linear 1x1 conv"}
+CASES = [(name, head) for name in noah.list_models() for head in ("noah", "gap")]
+
+
+@pytest.mark.parametrize("name, head", [c for c in CASES if (noah.MODELS[c[0]].family, c[1]) not in NOT_A_SUM])
+def test_class_evidence_sums_over_positions_to_each_logit(name, head):
+    size = 64
+    mlp = name.startswith(("mixer", "gmlp"))
+    torch.manual_seed(0)
+    model = noah.create_model(name, head=head, num_classes=5, img_size=size if mlp else None).train()
+    if head == "gap":  # a random but non-zero linear layer (the MLPs' standard head starts at zero)
+        torch.nn.init.normal_(model.head.fc.weight, std=0.1)
+        torch.nn.init.normal_(model.head.fc.bias, std=0.1)
+    images = torch.randn(2, 3, size, size)
+    evidence = noah.class_evidence(model, images)
+    assert model.training and evidence.shape[:2] == (2, 5)  # run in eval mode, then put back
+    with torch.no_grad():
+        logits = model.eval()(images)
+    torch.testing.assert_close(evidence.sum(dim=(-2, -1)), logits, rtol=1e-4, atol=1e-4)
+    if head == "noah":
+        per_head = noah.class_evidence(model, images, per_head=True)
+        assert per_head.shape == (2, model.head.head_num, *evidence.shape[1:])
+        torch.testing.assert_close(per_head.sum(dim=1), evidence)
+
+
+@pytest.mark.parametrize("name, head", [c for c in CASES if (noah.MODELS[c[0]].family, c[1]) in NOT_A_SUM])
+def test_heads_that_are_no_sum_over_positions_are_refused_in_one_line(name, head):
+    with torch.device("meta"):
+        model = noah.create_model(name, head=head)
+    with pytest.raises(ValueError) as error:
+        noah.class_evidence(model, torch.randn(1, 3, 64, 64))
+    message = str(error.value)
+    assert NOT_A_SUM[noah.MODELS[name].family, head] in message and "\n" not in message
+    assert "its NOAH head has exact evidence" in message
+
+
+def test_per_head_evidence_needs_the_noah_head():
+    with pytest.raises(ValueError, match="only the NOAH head has heads"):
+        noah.class_evidence(build("resnet18", "gap"), torch.randn(1, 3, 64, 64), per_head=True)
+
+
+def test_evidence_in_box_counts_each_cell_by_the_share_the_box_covers():
+    maps = torch.tensor([[[1.0, 3.0], [0.0, -2.0]]])  # a 2 x 2 grid over a 64 x 64 image: cells of 32 x 32
+    whole_cell = torch.tensor([[32.0, 0, 64, 32]])  # exactly the top-right cell
+    half_cell = torch.tensor([[0.0, 0, 16, 32]])  # the left half of the top-left cell
+    assert noah.evidence_in_box(maps, whole_cell, (64, 64)).item() == pytest.approx(3 / 4)  # negatives do not count
+    assert noah.evidence_in_box(maps, half_cell, (64, 64)).item() == pytest.approx(0.5 / 4)
+    uniform = torch.ones(1, 4, 4)
+    assert noah.evidence_in_box(uniform, torch.tensor([[8.0, 8, 40, 24]]), (64, 64)).item() == pytest.approx(
+        32 * 16 / 64 ** 2)  # a uniform map scores the box's share of the image
+
+
+def no_overlaps(figure):
+    """No two titles or labels of the figure overlap on the canvas."""
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    texts = [t for ax in figure.axes for t in (ax.title, ax.yaxis.label) if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    return not [(a.get_text(), b.get_text()) for (a, ba), (b, bb) in itertools.combinations(zip(texts, boxes), 2)
+                if ba.overlaps(bb)]
+
+
+def test_show_pocas_shows_the_image_under_every_map_on_one_scale():
+    model = build("mobilenetv2_035", num_classes=5)
+    figure = noah.show_pocas(model, torch.randn(3, 96, 96), ["ant", "bee", "cat", "dog", "eel"], top_k=2)
+    N = model.head.head_num
+    panels = [ax for ax in figure.axes if ax.get_images()]  # the colour bar has none
+    assert len(panels) == 2 * (N + 2)
+    overlays = [ax for ax in panels if len(ax.get_images()) == 2]  # the image, and a map over it
+    assert len(overlays) == 2 * (N + 1)
+    assert len({ax.get_images()[1].get_clim() for ax in overlays}) == 1
+    assert [ax.get_title() for ax in panels[:N + 2]] == ["image", f"mean of {N} heads"] + [
+        f"head {n}" for n in range(1, N + 1)]
+    assert "4 x 4 feature grid" not in figure._suptitle.get_text()  # 96 pixels: a 3 x 3 grid
+    assert "3 x 3 feature grid (nearest upsampling)" in figure._suptitle.get_text()
+    assert no_overlaps(figure)
+    matplotlib.pyplot.close(figure)
+
+
+def test_show_evidence_puts_noah_and_gap_side_by_side():
+    noah_model, gap_model = build("resnet18", num_classes=5), build("resnet18", "gap", num_classes=5)
+    figure = noah.show_evidence({"NOAH": noah_model, "GAP + FC": gap_model}, torch.randn(3, 96, 96),
+                                ["ant", "bee", "cat", "dog", "eel"], top_k=2, upsample="smooth")
+    panels = [ax for ax in figure.axes if ax.get_images()]
+    assert [ax.get_title() for ax in panels[:4]] == ["image", "NOAH: POCA", "NOAH: evidence", "GAP + FC: CAM"]
+    evidence = [ax.get_images()[1] for ax in panels if ax.get_title() in ("", "NOAH: evidence", "GAP + FC: CAM")
+                and len(ax.get_images()) == 2 and ax.get_images()[1].get_cmap().name == "RdBu_r"]
+    assert len(evidence) == 4 and len({image.get_clim() for image in evidence}) == 1  # one shared scale
+    assert all(image.get_interpolation() == "bilinear" for image in evidence)
+    assert no_overlaps(figure)
+    matplotlib.pyplot.close(figure)
