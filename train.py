@@ -419,15 +419,18 @@ class RandAugment:
         from torchvision.transforms.v2 import functional as F
 
         signed = lambda value: value if torch.rand(()) < 0.5 else -value
-        mode = self.interpolation
-        if mode == "random":
-            mode = "bilinear" if torch.rand(()) < 0.5 else "bicubic"
-        geometry = dict(interpolation=InterpolationMode(mode), fill=self.fill)
+
+        def geometry():  # "random": bilinear or bicubic, drawn for each geometric operation as timm does
+            mode = self.interpolation
+            if mode == "random":
+                mode = "bilinear" if torch.rand(()) < 0.5 else "bicubic"
+            return dict(interpolation=InterpolationMode(mode), fill=self.fill)
+
         height, width = F.get_size(image)
         if name in ("AutoContrast", "Equalize", "Invert"):
             return {"AutoContrast": F.autocontrast, "Equalize": F.equalize, "Invert": F.invert}[name](image)
         if name == "Rotate":
-            return F.rotate(image, signed(30 * m), **geometry)
+            return F.rotate(image, signed(30 * m), **geometry())
         if name == "Posterize":
             return F.posterize(image, 4 - int(4 * m))
         if name == "Solarize":
@@ -442,9 +445,9 @@ class RandAugment:
         if name in ("ShearX", "ShearY"):
             degrees = math.degrees(math.atan(signed(0.3 * m)))
             shear = [degrees, 0.0] if name == "ShearX" else [0.0, degrees]
-            return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **geometry)
+            return F.affine(image, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0], **geometry())
         shift = [signed(0.45 * m) * width, 0] if name == "TranslateX" else [0, signed(0.45 * m) * height]
-        return F.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], **geometry)
+        return F.affine(image, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], **geometry())
 
 
 def image_folder(root, transform):

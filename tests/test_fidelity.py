@@ -107,11 +107,13 @@ def test_randaugment_draws_timms_increasing_ops():
                                      "ShearY", "TranslateX", "TranslateY")
 
 
-def test_rotate_at_m9_turns_the_image_by_27_degrees():
+@pytest.mark.parametrize("interpolation", ["bicubic", "random"])
+def test_rotate_at_m9_turns_the_image_by_27_degrees(interpolation):
     image = torch.zeros(3, 129, 129, dtype=torch.uint8)
     image[:, 64, 114] = 255  # a dot 50 pixels right of the centre
     for _ in range(6):  # the sign is random
-        y, x = divmod(augment("Rotate", image, 0.9, fill=(0, 0, 0))[0].argmax().item(), 129)
+        turned = augment("Rotate", image, 0.9, fill=(0, 0, 0), interpolation=interpolation)
+        y, x = divmod(turned[0].argmax().item(), 129)
         angle = math.degrees(math.atan2(64 - y, x - 64))
         assert 25.5 < abs(angle) < 28.5, angle
 
