@@ -974,6 +974,18 @@ def backbone_settings(name, entry, img_size, drop_rate, drop_path_rate, represen
 # ------------------------------------------------------------------------------------------------
 
 
+@contextmanager
+def evaluating(model):
+    """Run the model in eval mode without gradients, then put it back as it was."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
+
+
 def poca_maps(model, images, classes=None, upsample=True):
     """The POCA maps of one class per image, in every head, from a model with the NOAH head.
 
@@ -995,18 +1007,6 @@ def poca_maps(model, images, classes=None, upsample=True):
     if upsample:
         maps = nn.functional.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return maps, classes, logits
-
-
-@contextmanager
-def evaluating(model):
-    """Run the model in eval mode without gradients, then put it back as it was."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
 
 
 def class_evidence(model, images, per_head=False):
