@@ -1120,12 +1120,9 @@ def write_figures(model, args, classes, device):
     return paths
 
 
-def choose_seed(args, checkpoint):
-    """The run's seed: given, or the resumed run's (the same random numbers as the run it continues), or
-    drawn; then the initial weights are drawn from it (DDP copies rank 0's to the others)."""
-    saved_args = checkpoint.get("args") if isinstance(checkpoint, dict) else None
-    if saved_args and args.manualSeed is None:
-        args.manualSeed = saved_args["manualSeed"]
+def choose_seed(args):
+    """The run's seed: given, or the resumed run's (restore_arguments brought it back), or drawn; then the
+    initial weights are drawn from it (DDP copies rank 0's to the others)."""
     if args.manualSeed is None:
         args.manualSeed = random.randint(1, 10000)
     torch.manual_seed(args.manualSeed)
@@ -1166,7 +1163,7 @@ def main(argv=None):
         procs.print(line)
     if procs.is_main and not args.evaluate:
         prepare_folder(args.checkpoint)
-    choose_seed(args, checkpoint)
+    choose_seed(args)
     if args.show_pocas:  # no data needed: the classes are the checkpoint's, or ImageNet's
         classes = checkpoint.get("classes") or imagenet_classes()
     else:

@@ -1,6 +1,7 @@
 """Faithful to the original's own files: every ViT and MLP preset resolves to the recipe of the original
 repository (OSVAI/NOAH; file and line cited beside each value), timm's RandAugment op by op, and the original
 narrow DeiTs' checkpoints with their pre-logits layer."""
+import argparse
 import math
 
 import pytest
@@ -207,12 +208,12 @@ def deit_by_hand(state, x, heads=3, noah_heads=4):
 
 def original_narrow_deit(name, num_classes):
     """A checkpoint as the original repository saves a DeiT-Tiny x0.75 or x0.5: {'model': ...} in timm's layout,
-    with the pre-logits layer its code adds below 192 channels."""
+    with the pre-logits layer its code adds below 192 channels, and DeiT's arguments as a Namespace."""
     torch.manual_seed(0)
     model = noah.create_model(name, num_classes=num_classes, representation_size=192).eval()
     state = timm_style(model)
     assert {"pre_logits.fc.weight", "blocks.0.attn.qkv.weight"} <= set(state)
-    return {"model": state, "epoch": 300}
+    return {"model": state, "epoch": 300, "args": argparse.Namespace(model=f"noah_{name}", lr=5e-4)}
 
 
 @pytest.mark.parametrize("name, counts", [("deit_tiny_075_patch16_224", (3_375_536, 3_368_824)),
