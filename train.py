@@ -993,7 +993,9 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         with procs.autocast:
             logits = net(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
-        global_loss = mean_over_processes(loss.detach(), procs).item()
+        # averaged over the processes at every step, not just for the log: all must see the same value to stop
+        # together on a NaN, rather than some waiting forever for the others in the next all-reduce
+        global_loss = sum_over_processes(loss.detach().reshape(1), procs)[0] / procs.world
         stop_if_not_finite(global_loss, epoch, step, len(loader), args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -1030,19 +1032,8 @@ def count_unreadable(images, skipped, so_far, epoch_images, args, procs):
     return so_far + skipped
 
 
-def mean_over_processes(value, procs):
-    """The mean of a tensor over all processes. The loss is averaged at every step, not just for the log:
-    every process must see the same value, so that on a NaN they all stop together rather than some
-    waiting forever for the others in the next all-reduce."""
-    value = value.clone()
-    if procs.distributed:
-        dist.all_reduce(value)
-        value /= procs.world
-    return value
-
-
 def sum_over_processes(numbers, procs):
-    """Sums of a few numbers over all processes (in float64: counts of images stay exact)."""
+    """Sums of a few numbers (a list or a tensor) over all processes, in float64: counts of images stay exact."""
     totals = torch.as_tensor(numbers, dtype=torch.float64, device=procs.device)
     if procs.distributed:
         dist.all_reduce(totals)
