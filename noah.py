@@ -1080,9 +1080,19 @@ def pointing_game(maps, boxes, image_size):
 
 
 def denormalize(image, mean, std):
-    """A normalized image (3, H, W) back to an (H, W, 3) array in [0, 1], for matplotlib."""
-    mean, std = torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None]
+    """A normalized image (3, H, W) back to an (H, W, 3) array in [0, 1], for matplotlib. mean, std: three
+    numbers each (a list, a tuple or a tensor)."""
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).cpu().reshape(-1, 1, 1) for v in (mean, std))
     return rearrange((image.detach().cpu() * std + mean).clamp(0, 1), "c h w -> h w c").numpy()
+
+
+def one_image(image):
+    """The figures draw one image: (3, H, W), or a batch of one (1, 3, H, W)."""
+    if image.ndim == 4 and len(image) == 1:
+        return image[0]
+    if image.ndim != 3:
+        raise ValueError(f"image of shape {tuple(image.shape)}: give one image, (3, H, W) or (1, 3, H, W)")
+    return image
 
 
 def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, upsample="nearest"):
@@ -1090,10 +1100,12 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
     showing the image alone, then the image under the mean of the heads' POCA maps, then under each head's map,
     all on one colour scale. upsample="nearest" shows the feature grid's true cells, "smooth" interpolates.
 
-    image: (3, H, W), normalized with mean and std (default: the model's data_config). Returns a Figure.
+    image: (3, H, W) or (1, 3, H, W), normalized with mean and std (default: the model's data_config).
+    Returns a Figure.
     """
     import matplotlib.pyplot as plt
 
+    image = one_image(image)
     picture = denormalize(image, *normalization(model, mean, std))
     _, _, logits = poca_maps(model, image[None], upsample=False)
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
@@ -1118,25 +1130,30 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
     """NOAH against the standard head, side by side on one image: for each of the first model's top-k classes,
     the image, then for each model (a dict, label -> model) where it finds that class: a NOAH model's POCA
     (mean of the heads) and its class evidence, a standard head's class activation map (CAM). The evidence
-    maps share one colour scale (red for, blue against the class; each sums to its model's logit).
+    maps share one colour scale (red for, blue against the class; each sums to its model's logit), and so do
+    the attention maps. image: (3, H, W) or (1, 3, H, W).
     """
     import matplotlib.pyplot as plt
 
-    first = next(iter(models.values()))
+    image, first = one_image(image), next(iter(models.values()))
     picture = denormalize(image, *normalization(first, mean, std))
     with evaluating(first):
-        scores, top = first(image[None]).softmax(dim=1)[0].topk(top_k)
-    columns, titles = [], ["image"]  # (kind, maps (top_k, h, w)), one per panel
+        logits = first(image[None])
+        scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
+    columns, titles, grids = [], ["image"], {}  # columns: (kind, maps (top_k, h, w)), one per panel
     for label, model in models.items():
+        evidence = class_evidence(model, image[None])[0]  # (K, h, w)
+        grids[label] = " x ".join(map(str, evidence.shape[-2:]))
         if isinstance(model.head, NOAH):
             attention, _, _ = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)
             columns.append(("attention", attention.mean(dim=1)))
             titles.append(f"{label}: POCA")
-        evidence = class_evidence(model, image[None])[0]  # (K, h, w)
         columns.append(("evidence", evidence[top]))
         titles.append(f"{label}: {'evidence' if isinstance(model.head, NOAH) else 'CAM'}")
-    limit = max(maps.abs().max().item() for kind, maps in columns if kind == "evidence")
-    styles = {"attention": dict(cmap="viridis", vmin=0), "evidence": dict(cmap="RdBu_r", vmin=-limit, vmax=limit)}
+    limit = {kind: max((maps.abs().max().item() for k, maps in columns if k == kind), default=0.0)
+             for kind in ("attention", "evidence")}
+    styles = {"attention": dict(cmap="viridis", vmin=0, vmax=limit["attention"]),
+              "evidence": dict(cmap="RdBu_r", vmin=-limit["evidence"], vmax=limit["evidence"])}
     fig, axes = plt.subplots(len(top), len(columns) + 1, figsize=(2.1 * (len(columns) + 1) + 1.2, 2.1 * len(top) + 0.7),
                              squeeze=False, layout="constrained")
     shown = {}
@@ -1145,9 +1162,9 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
         axes[row, 0].set_ylabel(f"{class_name(class_names, k)} ({score:.0%})", fontsize=9)
         for col, (kind, maps) in enumerate(columns):
             shown[kind] = overlay(axes[row, col + 1], picture, maps[row].cpu(), upsample, **styles[kind])
-    h, w = columns[0][1].shape[-2:]
-    finish_figure(fig, axes, titles, f"where each head finds the class, on the {h} x {w} feature grid "
-                                     f"({upsample} upsampling)")
+    where = (f"the {grids[label]} feature grid" if len(set(grids.values())) == 1 else
+             "feature grids of " + ", ".join(f"{grid} ({label})" for label, grid in grids.items()))
+    finish_figure(fig, axes, titles, f"where each head finds the class, on {where} ({upsample} upsampling)")
     for kind, label in (("attention", "attention"), ("evidence", "evidence (sums to the logit)")):
         if kind in shown:
             fig.colorbar(shown[kind], ax=axes, shrink=0.8, label=label)
@@ -1156,7 +1173,8 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
 
 def normalization(model, mean, std):
     config = getattr(model, "data_config", {})  # set by create_model; ImageNet's normalization otherwise
-    return mean or config.get("mean", MEAN_STD["imagenet"][0]), std or config.get("std", MEAN_STD["imagenet"][1])
+    return (config.get("mean", MEAN_STD["imagenet"][0]) if mean is None else mean,
+            config.get("std", MEAN_STD["imagenet"][1]) if std is None else std)
 
 
 def class_name(class_names, k):
@@ -1189,8 +1207,8 @@ def finish_figure(fig, axes, column_titles, title):
 # A checkpoint is read safely (`weights_only=True`), its state dict taken out of whatever holds it, and
 # every key brought into this file's layout by the conversions below, each the same weights under
 # another name or shape:
-#   - wrappers: `module.` (DataParallel, DistributedDataParallel) and `_orig_mod.` (torch.compile) in
-#     front of every key are dropped;
+#   - wrappers: `module.` (DataParallel, DistributedDataParallel, the EMA's AveragedModel) and `_orig_mod.`
+#     (torch.compile) in front of every key are dropped, and so is the EMA's count `n_averaged`;
 #   - the standard head: `fc.` (torchvision's ResNet and ShuffleNetV2), `classifier.1.` (torchvision's
 #     MobileNetV2, the original MobileNetV3), `head.2.` (the original CNNs: pool, flatten, linear) and
 #     timm's bare `head.weight` all become `head.fc.`; the original MobileNetV3's NOAH head is `classifier.`;
@@ -1235,9 +1253,10 @@ def unreadable_because(error, empty):
 
 def read_state_dict(source):
     """The state dict of a checkpoint (a path or a loaded dict): under 'state_dict' (this project, the
-    original repository, timm), under 'model' (DeiT, PVT), or the whole dict (torchvision)."""
+    original repository, timm), under 'model' (DeiT, PVT), under 'ema' (a file of train.py's EMA weights
+    alone), or the whole dict (torchvision, or train.py's `checkpoint["ema"]` itself)."""
     checkpoint = source if isinstance(source, dict) else read_checkpoint(source)
-    state = checkpoint.get("state_dict", checkpoint.get("model", checkpoint))
+    state = next((checkpoint[key] for key in ("state_dict", "model", "ema") if key in checkpoint), checkpoint)
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError("this is not a checkpoint: it holds no state dict of tensors")
     return state
@@ -1257,6 +1276,8 @@ def to_this_layout(state, expected):
     """Another layout's state dict in this file's, for the model whose state dict has the shapes `expected`."""
     converted = {}
     for key, value in state.items():
+        if key == "n_averaged":  # how many updates an EMA (torch's AveragedModel) has had: not a weight
+            continue
         for pattern, replacement in RENAMES:
             key = re.sub(pattern, replacement, key)
         if "conv_head.0.weight" in expected:  # the original MobileNetV3

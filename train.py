@@ -19,6 +19,7 @@ the epoch, and the checkpoint holds the weights, the optimizer, the grad scaler,
 arguments.
 """
 import argparse
+import collections
 import contextlib
 import json
 import math
@@ -34,7 +35,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset, default_collate
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 from tqdm import tqdm
 
 import noah
@@ -184,6 +186,8 @@ def get_parser():
     p.add_argument("--resume", default="", help="checkpoint to continue from (or to evaluate); a train.py "
                    "checkpoint brings back its run's flags, those given on the command line win")
     p.add_argument("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
+    p.add_argument("--ema", action="store_true", help="--evaluate / --show-pocas: use the EMA weights of --resume "
+                   "(a run with --model-ema), not the trained weights")
     p.add_argument("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
     p.add_argument("--show-pocas", nargs="+", metavar="IMAGE", help="draw where --resume's model finds its top "
                    "classes (POCAs and class evidence with NOAH, the class activation map without) on "
@@ -202,8 +206,7 @@ def parse_args(argv=None):
         parser.set_defaults(**PRESETS[preset])
         args = parser.parse_args(argv)
         args.preset = preset
-    given = explicit_flags(argv)
-    if preset and recipe_family(preset) in ("deit", "pvt") and "train_batch" in given and "lr" not in given:
+    if scales_lr_with_batch(preset, explicit_flags(argv)):
         args.lr = DEIT_LR_PER_512 * args.train_batch / 512  # the original scales the lr with the global batch
     args.dataset = args.dataset or "imagenet"
     if args.img_size is None:
@@ -229,6 +232,11 @@ RANGES = {  # what each number must be, checked at start-up so that a typo fails
 }
 
 
+def scales_lr_with_batch(preset, given):
+    """DeiT's and PVT's recipes set the lr from the global batch: when --train-batch is given without --lr."""
+    return bool(preset) and recipe_family(preset) in ("deit", "pvt") and "train_batch" in given and "lr" not in given
+
+
 def check_numbers(args, parser):
     flags = flag_names(parser)
     for valid, (test, names) in RANGES.items():
@@ -252,7 +260,7 @@ def explicit_flags(argv):
     return vars(parser.parse_args(argv))
 
 
-NOT_RESTORED = ("resume", "evaluate", "show_pocas", "top_k", "pretrained_backbone", "checkpoint")
+NOT_RESTORED = ("resume", "evaluate", "ema", "show_pocas", "top_k", "pretrained_backbone", "checkpoint")
 
 
 def restore_arguments(args, argv, checkpoint):
@@ -264,6 +272,11 @@ def restore_arguments(args, argv, checkpoint):
     if not isinstance(saved, dict):
         return []
     given, flags, overrides = explicit_flags(argv), flag_names(get_parser()), []
+    if given.get("preset", saved.get("preset")) != saved.get("preset"):
+        recipe = f"--preset {saved['preset']}" if saved.get("preset") else "no preset"
+        raise UserError(f"--preset {given['preset']}: {args.resume} continues a run of {recipe}, whose recipe it "
+                        f"keeps; give single flags to change it, or start a new run (with --pretrained-backbone "
+                        f"{args.resume} to begin from its weights)")
     for key, value in saved.items():
         if key in NOT_RESTORED or not hasattr(args, key):
             continue
@@ -271,6 +284,9 @@ def restore_arguments(args, argv, checkpoint):
             setattr(args, key, value)
         elif given[key] != value:
             overrides.append(f"{flags[key]} {given[key]} overrides the resumed run's {value}")
+    if scales_lr_with_batch(args.preset, given) and args.train_batch != saved["train_batch"]:
+        args.lr = saved["lr"] * args.train_batch / saved["train_batch"]  # as parse_args does for a new run
+        overrides.append(f"--lr follows the batch, as the recipe does: {saved['lr']:g} -> {args.lr:g}")
     if "checkpoint" not in given:
         args.checkpoint = os.path.dirname(args.resume) or "."
     return overrides
@@ -389,7 +405,7 @@ class RandAugment:
     At magnitude m (0-10), with "±" a random sign:
         AutoContrast, Equalize, Invert    no argument
         Rotate                            ±30 m/10 degrees
-        Posterize                         keep 4 - int(4 m/10) bits
+        Posterize                         keep 4 - int(4 m/10) bits (none at m = 10: black)
         Solarize                          invert the pixels >= 256 - int(256 m/10)
         SolarizeAdd                       add int(110 m/10) to the pixels < 128
         Color, Contrast, Brightness,      enhancement factor 1 ± 0.9 m/10
@@ -407,32 +423,42 @@ class RandAugment:
         for op in torch.randint(len(self.OPS), (self.num_ops,)).tolist():
             if torch.rand(()) < 0.5:
                 m = float((self.magnitude + self.magnitude_std * torch.randn(())).clamp(0, 10)) / 10
-                image = self.apply(self.OPS[op], image, m)
+                try:
+                    image = self.apply(self.OPS[op], image, m)
+                except Exception as e:  # a bug to fix, not an image to skip: say which operation
+                    raise RuntimeError(f"RandAugment's {self.OPS[op]} at magnitude {10 * m:.2f} failed: "
+                                       f"{type(e).__name__}: {e}") from e
         return image
 
     OPS = ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd", "Color",
            "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateX", "TranslateY")
 
     def apply(self, name, image, m):
-        """One operation at magnitude m, scaled to [0, 1]."""
+        """One operation at magnitude m, scaled to [0, 1], on an RGB or grayscale PIL image (other modes,
+        such as palette, RGBA or CMYK, are made RGB first: the operations are defined on colours)."""
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as F
 
+        if image.mode not in ("RGB", "L"):
+            image = image.convert("RGB")
+        channels = len(image.getbands())
+        fill = self.fill if len(self.fill) == channels else [round(sum(self.fill) / len(self.fill))] * channels
         signed = lambda value: value if torch.rand(()) < 0.5 else -value
 
         def geometry():  # "random": bilinear or bicubic, drawn for each geometric operation as timm does
             mode = self.interpolation
             if mode == "random":
                 mode = "bilinear" if torch.rand(()) < 0.5 else "bicubic"
-            return dict(interpolation=InterpolationMode(mode), fill=self.fill)
+            return dict(interpolation=InterpolationMode(mode), fill=fill)
 
         height, width = F.get_size(image)
         if name in ("AutoContrast", "Equalize", "Invert"):
             return {"AutoContrast": F.autocontrast, "Equalize": F.equalize, "Invert": F.invert}[name](image)
         if name == "Rotate":
             return F.rotate(image, signed(30 * m), **geometry())
-        if name == "Posterize":
-            return F.posterize(image, 4 - int(4 * m))
+        if name == "Posterize":  # at m = 1 no bit is kept: a black image, as timm's Pillow gave (today's refuses 0)
+            bits = 4 - int(4 * m)
+            return F.posterize(image, bits) if bits else Image.new(image.mode, image.size)
         if name == "Solarize":
             threshold = 256 - int(256 * m)
             return F.solarize(image, threshold) if threshold <= 255 else image
@@ -458,7 +484,7 @@ def image_folder(root, transform):
         raise UserError(f"no folder {root}: --data must hold train/ and val/, each with one sub-folder of "
                         f"images per class (for ImageNet, see the README's 'Data' section)")
     try:
-        return ImageFolder(root, transform)
+        return ImageFolder(root, transform, loader=read_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise UserError(f"{root} is not laid out as one sub-folder of images per class: {e}") from None
 
@@ -499,6 +525,9 @@ def build_datasets(args):
         return imagenette(root, args.img_size, train_tf, val_tf)
     cifar = datasets.CIFAR10 if args.dataset == "cifar10" else datasets.CIFAR100
     placement = f"extract it into {root}, so that {root}/{cifar.base_folder} exists"
+    if os.path.isdir(os.path.join(root, cifar.base_folder)):  # there, yet not accepted: torchvision checked it
+        placement = (f"extract it again: {root}/{cifar.base_folder} exists, but its files failed torchvision's "
+                     f"checksum (incomplete or damaged)")
     train = download(lambda download: cifar(root, True, train_tf, download=download), cifar.url, placement)
     return train, cifar(root, False, val_tf), train.classes
 
@@ -516,7 +545,8 @@ def imagenette(root, img_size, train_tf, val_tf):
     extracted = [size for size in preference if os.path.isdir(os.path.join(root, IMAGENETTE[size]))]
     size = extracted[0] if extracted else wanted
     folder = os.path.join(root, IMAGENETTE[size])
-    make = lambda split, tf, download=False: datasets.Imagenette(root, split, size, download=download, transform=tf)
+    make = lambda split, tf, download=False: datasets.Imagenette(root, split, size, download=download, transform=tf,
+                                                                  loader=read_image)
     if extracted:
         check_imagenette(folder, datasets.Imagenette._WNID_TO_CLASS)
         train = make("train", train_tf)
@@ -575,35 +605,33 @@ def mix_seed(*numbers):
     return seed
 
 
-class SkipUnreadable(Dataset):
-    """A dataset whose unreadable images (a corrupt, truncated or empty file) become None, with a warning
-    that names the file, instead of ending the run: one bad file among a million should not cost an epoch."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, index):
-        try:
-            return self.dataset[index]
-        except OSError as e:  # what PIL raises for a file it cannot decode (UnidentifiedImageError included)
-            path = self.dataset.samples[index][0] if hasattr(self.dataset, "samples") else f"item {index}"
-            print(f"warning: skipped an unreadable image: {path} ({e})", file=sys.stderr, flush=True)
-            return None
+class Unreadable(Exception):
+    """An image file that cannot be decoded (corrupt, truncated, empty): skipped with a warning, since one bad
+    file among a million should not cost an epoch."""
 
 
-def collate_readable(samples):
-    """A batch of the readable samples -> images (None if there is none), labels, how many were unreadable."""
-    readable = [sample for sample in samples if sample is not None]
-    images, labels = default_collate(readable) if readable else (None, None)
-    return images, labels, len(samples) - len(readable)
+def read_image(path):
+    """The image folders' loader: the picture in RGB, or Unreadable naming the file, so that a file that
+    cannot be read is told apart from an augmentation that fails on a readable one."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except OSError as e:  # what PIL raises for a file it cannot decode (UnidentifiedImageError included)
+        raise Unreadable(f"{path} ({e})") from None
 
 
-class SeededSamples(Dataset):
-    """Loads item (index, seed) with torch's random generator seeded by `seed`, so that a sample's
-    augmentation depends on its seed alone, not on which worker loads it or what that worker did before."""
+@dataclass
+class Failed:
+    """A sample whose augmentation (or any step but reading its file) raised: the run stops with `message`."""
+
+    message: str
+
+
+class Samples(Dataset):
+    """Item (index, seed) of a dataset -> its sample, drawn with torch's random numbers seeded by `seed` in a
+    fork of the generator: the augmentation depends on the seed alone (not on which worker loads it), and the
+    loading process's own random numbers (MixUp's, with --workers 0) are left as they were. An unreadable
+    image becomes None, with a warning naming the file; any other exception becomes Failed."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -613,8 +641,35 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, item):
         index, seed = item
-        torch.manual_seed(seed)
-        return self.dataset[index]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            try:
+                return self.dataset[index]
+            except Unreadable as e:
+                print(f"warning: skipped an unreadable image: {e}", file=sys.stderr, flush=True)
+                return None
+            except Exception as e:  # raised here it would reach the user as a worker's traceback
+                samples = getattr(self.dataset, "samples", None)
+                where = samples[index][0] if samples else f"item {index} of the {type(self.dataset).__name__} set"
+                return Failed(f"{where}: {e if isinstance(e, RuntimeError) else f'{type(e).__name__}: {e}'}; "
+                              f"a failing augmentation is a bug to fix, not an image to skip")
+
+
+def collate_readable(samples):
+    """A batch (see build_loaders), or the first Failed sample."""
+    failed = [sample for sample in samples if isinstance(sample, Failed)]
+    if failed:
+        return failed[0]
+    readable = [sample for sample in samples if sample is not None]
+    images, labels = default_collate(readable) if readable else (None, None)
+    return images, labels, len(samples) - len(readable)
+
+
+def checked(batch):
+    """The batch, or the run stopped in one line when one of its samples Failed."""
+    if isinstance(batch, Failed):
+        raise UserError(batch.message)
+    return batch
 
 
 class SeededSampler(Sampler):
@@ -638,8 +693,9 @@ class SeededSampler(Sampler):
 def build_loaders(args, train_set, val_set, world, rank, pin):
     """Training: shuffled, each process its share, every sample's augmentation seeded (exact resumption,
     whatever the workers). Validation: image i goes to process i % world, so that every image is counted
-    exactly once (no padding with repeats), whatever the number of processes. Batches are
-    (images, labels, number of unreadable images skipped)."""
+    exactly once (no padding with repeats), whatever the number of processes. A batch is (images, labels,
+    the number of its unreadable images, skipped), images and labels None when none could be read; or the
+    Failed sample that must stop the run (`checked` raises it)."""
     if args.repeated_aug > 1:
         sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.manualSeed)
     else:
@@ -647,12 +703,13 @@ def build_loaders(args, train_set, val_set, world, rank, pin):
     common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0,
                   collate_fn=collate_readable)
     # drop_last: a short last batch (one image, at worst) would give BatchNorm a single value per channel
-    train = DataLoader(SeededSamples(SkipUnreadable(train_set)), args.train_batch // world,
+    train = DataLoader(Samples(train_set), args.train_batch // world,
                        sampler=SeededSampler(sampler, args.manualSeed, rank), drop_last=True, **common)
     if len(train) == 0 and not args.evaluate:
         raise UserError(f"the training set has {len(train.sampler)} images per process, fewer than one batch of "
                         f"{args.train_batch // world}: lower --train-batch")
-    val = DataLoader(Subset(SkipUnreadable(val_set), range(rank, len(val_set), world)), args.test_batch, **common)
+    val_items = [(index, 0) for index in range(rank, len(val_set), world)]  # no randomness: any seed will do
+    val = DataLoader(Samples(val_set), args.test_batch, sampler=val_items, **common)
     return train, val
 
 
@@ -693,15 +750,16 @@ def param_groups(model, weight_decay, nowd_bn, backbone_lr_scale=1.0):
             for (decay, scale), params in groups.items()]
 
 
-def build_optimizer(model, args, device):
+def build_optimizer(model, args, procs):
     """What a training step updates besides the weights: the optimizer (SGD with momentum or AdamW over
-    `param_groups`), the grad scaler of float16 autocast, and the EMA of the weights (or None)."""
+    `param_groups`), the grad scaler of float16 autocast (disabled in other precisions), and the EMA of the
+    weights (or None)."""
     groups = param_groups(model, args.wd, args.nowd_bn, args.backbone_lr_scale)
     if args.opt == "sgd":
         optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
     else:
         optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
-    scaler = torch.amp.GradScaler(device.type, enabled=args.use_amp and args.amp_dtype == "float16")
+    scaler = torch.amp.GradScaler(procs.device.type, enabled=procs.amp_dtype == torch.float16)
     ema = None
     if args.model_ema:
         average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay)
@@ -732,15 +790,15 @@ def reseed(seed, epoch, rank):
 
 @dataclass
 class Processes:
-    """Who this process is: the only one, or one of `world` under torchrun, with its device and its
-    autocast context (a no-op without --use_amp)."""
+    """Who this process is: the only one, or one of `world` under torchrun, with its device and the precision
+    it computes in: `amp_dtype` is None (float32) or the dtype of its autocast."""
 
     distributed: bool
     world: int
     rank: int
     local_rank: int
     device: torch.device
-    autocast: torch.autocast
+    amp_dtype: torch.dtype = None
 
     @property
     def is_main(self):
@@ -750,15 +808,31 @@ class Processes:
         if self.is_main:
             print(*args, **kwargs)
 
+    @property
+    def autocast(self):
+        return torch.autocast(self.device.type, self.amp_dtype, enabled=self.amp_dtype is not None)
 
-def setup_processes(args):
-    """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE."""
+    @property
+    def precision(self):
+        if self.amp_dtype is None:
+            return "float32"
+        return f"{str(self.amp_dtype)[6:]} autocast" + " with a grad scaler" * (self.amp_dtype == torch.float16)
+
+
+FLOAT16_ON_CPU = "NOAH_FLOAT16_ON_CPU"  # =1: float16 autocast on a CPU as on a GPU (slow; tests the GPU's path)
+
+
+@contextlib.contextmanager
+def processes(args):
+    """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE; the process
+    group is ended however the run ends. The precision is decided here, for this run on this machine: the
+    flags (and so the checkpoints) keep what the user asked for."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world = int(os.environ["WORLD_SIZE"]) if distributed else 1
     rank = int(os.environ["RANK"]) if distributed else 0
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
+    if torch.cuda.is_available():  # modulo: a scheduler may show each process only its own GPU
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     else:
@@ -768,13 +842,18 @@ def setup_processes(args):
                         f"{world} processes; use a multiple of {world}")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if args.use_amp and device.type == "cpu" and args.amp_dtype == "float16":
-        args.use_amp = False  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
-        if rank == 0:
-            print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
-                  "(--amp-dtype bfloat16 gives mixed precision on a CPU)")
-    autocast = torch.autocast(device.type, getattr(torch, args.amp_dtype), enabled=args.use_amp)
-    return Processes(distributed, world, rank, local_rank, device, autocast)
+    procs = Processes(distributed, world, rank, local_rank, device)
+    if args.use_amp:
+        procs.amp_dtype = getattr(torch, args.amp_dtype)
+        if device.type == "cpu" and args.amp_dtype == "float16" and os.environ.get(FLOAT16_ON_CPU) != "1":
+            procs.amp_dtype = None  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
+            procs.print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
+                        "(--amp-dtype bfloat16 gives mixed precision on a CPU); a GPU resuming it uses float16")
+    try:
+        yield procs
+    finally:
+        if distributed:
+            dist.destroy_process_group()
 
 
 def describe(config):
@@ -811,14 +890,54 @@ def build_model(args, num_classes, checkpoint, procs):
         if saved and (saved["arch"], saved["use_noah"]) != (config["arch"], config["use_noah"]):
             raise UserError(f"{args.resume} holds {describe(saved)}, but this run builds {describe(config)}; "
                             f"give the matching --arch and --use_noah / --no-use_noah")
+        if args.ema and "ema" not in checkpoint:
+            raise UserError(f"--ema: {args.resume} holds no EMA weights (they come from a run with --model-ema)")
         try:
-            noah.load_checkpoint(model, checkpoint)
+            noah.load_checkpoint(model, checkpoint["ema"] if args.ema else checkpoint)
         except ValueError as e:
             raise UserError(f"{args.resume} does not fit {describe(config)}: {e}") from None
     model.to(procs.device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, config
+
+
+def check_classes(checkpoint, classes, args):
+    """A train.py checkpoint names its classes: the data must have the same ones in the same order, else its
+    accuracy means nothing."""
+    saved = checkpoint.get("classes") if checkpoint is not None else None
+    if not saved or list(saved) == list(classes):
+        return
+    data = args.data or args.dataset
+    if sorted(saved) == sorted(classes):
+        raise UserError(f"{args.resume} and {data} have the same classes in another order ({', '.join(saved[:3])}, "
+                        f"... against {', '.join(classes[:3])}, ...): its outputs would be scored against the "
+                        f"wrong labels")
+    only = lambda a, b: ", ".join(sorted(set(a) - set(b))[:5]) or "none"
+    raise UserError(f"{args.resume} was trained on other classes than {data}'s: only in the checkpoint: "
+                    f"{only(saved, classes)}; only in the data: {only(classes, saved)}")
+
+
+def figure_classes(checkpoint, args):
+    """--show-pocas needs no data: the class names are the checkpoint's (train.py's), else --data's, else as
+    many as the file's head has: ImageNet's names for 1000, "0" ... "K-1" otherwise."""
+    if checkpoint.get("classes"):
+        return checkpoint["classes"]
+    if args.data:
+        return build_datasets(args)[2]
+    try:
+        state = noah.to_this_layout(noah.read_state_dict(checkpoint), {})
+    except ValueError:  # not a checkpoint: build_model's loading says so in its own words
+        return imagenet_classes()
+    fc, query = state.get("head.fc.weight"), state.get("head.query.weight")
+    if fc is not None:
+        count = fc.shape[0]
+    elif query is not None:  # (N, K, D), or the original's grouped convolution (N*K, D, 1, 1)
+        heads = args.head_num or noah.MODELS[args.arch].head_num
+        count = query.shape[1] if query.ndim == 3 else query.shape[0] // heads
+    else:
+        return imagenet_classes()
+    return imagenet_classes() if count == 1000 else [str(k) for k in range(count)]
 
 
 def pre_logits_width(checkpoint):
@@ -863,7 +982,8 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as e:
         raise UserError(f"{args.resume}: its optimizer state does not fit this run ({e})") from None
-    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    if checkpoint.get("scaler") and scaler.is_enabled():  # else a scaler starts anew (float16 added) or is unused
+        scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
     start_epoch, log_path = checkpoint["epoch"], os.path.join(os.path.dirname(args.resume), "log.jsonl")
@@ -982,7 +1102,8 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     epoch_images = len(loader) * loader.batch_size * procs.world
     bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if procs.is_main else True)  # None: only on a terminal, not in logs or notebooks
-    for step, (images, labels, skipped) in enumerate(bar):
+    for step, batch in enumerate(bar):
+        images, labels, skipped = checked(batch)
         unreadable = count_unreadable(images, skipped, unreadable, epoch_images, args, procs)
         images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
         if args.channels_last:
@@ -996,7 +1117,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         # averaged over the processes at every step, not just for the log: all must see the same value to stop
         # together on a NaN, rather than some waiting forever for the others in the next all-reduce
         global_loss = sum_over_processes(loss.detach().reshape(1), procs)[0] / procs.world
-        stop_if_not_finite(global_loss, epoch, step, len(loader), args)
+        stop_if_not_finite(global_loss, f"loss at epoch {epoch + 1}, step {step + 1} of {len(loader)}", args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
@@ -1040,14 +1161,14 @@ def sum_over_processes(numbers, procs):
     return totals.tolist()
 
 
-def stop_if_not_finite(loss, epoch, step, steps, args):
+def stop_if_not_finite(loss, where, args):
+    """A NaN or infinite loss (training, or validation: its accuracy would be argmax of NaN) stops the run."""
     if not math.isfinite(loss):
         last_path = os.path.join(args.checkpoint, "checkpoint.pth.tar")
         last = "no checkpoint was written yet"
         if os.path.exists(last_path):
             last = f"the last good checkpoint, {last_path}, is kept"
-        raise UserError(f"the loss became {loss} at epoch {epoch + 1}, step {step + 1} of {steps}; stopping "
-                        f"({last}). Try a lower --lr or --clip-grad.")
+        raise UserError(f"the {where} became {loss}; stopping ({last}). Try a lower --lr or --clip-grad.")
 
 
 def evaluate(net, loader, procs, progress=True):
@@ -1058,7 +1179,8 @@ def evaluate(net, loader, procs, progress=True):
     unreadable = 0
     with torch.no_grad():
         disable = None if progress and procs.is_main else True  # None: only on a terminal
-        for images, targets, skipped in tqdm(loader, desc="  eval", leave=False, disable=disable):
+        for batch in tqdm(loader, desc="  eval", leave=False, disable=disable):
+            images, targets, skipped = checked(batch)
             unreadable += skipped
             if images is None:
                 continue
@@ -1069,12 +1191,28 @@ def evaluate(net, loader, procs, progress=True):
             totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
                                    top5.any(dim=1).sum(), torch.tensor(len(targets), device=procs.device)]).double()
     loss, top1, top5, n, unreadable = sum_over_processes([*totals.tolist(), unreadable], procs)
+    if n == 0:
+        raise UserError(f"none of the {unreadable:.0f} validation images could be read (each is named above)")
     return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n), unreadable=int(unreadable))
+
+
+def evaluate_epoch(net, ema, loader, record, epoch, args, procs):
+    """Evaluate after a training epoch (and the EMA weights, if any) into the epoch's record -> the result."""
+    result = evaluate(net, loader, procs)
+    stop_if_not_finite(result["loss"], f"validation loss after epoch {epoch + 1}", args)
+    record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
+                  unreadable_val_images=result["unreadable"])
+    if ema is not None:
+        record["ema_val_top1"] = evaluate(ema, loader, procs, progress=False)["top1"]
+    return result
 
 
 def evaluate_and_report(net, loader, procs):
     """--evaluate: top-1 and top-5 printed as the original prints them, and as a sentence."""
     result = evaluate(net, loader, procs)
+    if not math.isfinite(result["loss"]):
+        raise UserError(f"the validation loss is {result['loss']}: the model's outputs are not finite, so its "
+                        f"accuracy would mean nothing")
     procs.print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
                 f"top-5 {result['top5']:.2f}% on {result['images']} images")
     return result
@@ -1087,13 +1225,11 @@ def write_figures(model, args, classes, device):
     import matplotlib
 
     matplotlib.use("Agg")
-    from PIL import Image
-
     reason = noah.not_a_sum_over_positions(model)
     if reason:
         raise UserError(f"--show-pocas: {args.arch} has no class activation map, as {reason}; use --use_noah")
     transform, (mean, std) = build_transforms(args, train=False), noah.MEAN_STD[args.normalize]
-    paths = []
+    paths, stems = [], collections.Counter()
     for image_path in args.show_pocas:
         try:
             image = transform(Image.open(image_path).convert("RGB")).to(device)
@@ -1104,6 +1240,8 @@ def write_figures(model, args, classes, device):
         if args.use_noah:
             figures["pocas"] = noah.show_pocas(model, image, classes, args.top_k, mean, std)
         stem = os.path.splitext(os.path.basename(image_path))[0]
+        stems[stem] += 1  # a/gray.png, b/gray.png -> gray, gray_2
+        stem += f"_{stems[stem]}" * (stems[stem] > 1)
         for kind, figure in figures.items():
             paths.append(os.path.join(args.checkpoint, f"{kind}_{stem}.png"))
             figure.savefig(paths[-1], dpi=110)
@@ -1111,11 +1249,15 @@ def write_figures(model, args, classes, device):
     return paths
 
 
-def choose_seed(args):
-    """The run's seed: given, or the resumed run's (restore_arguments brought it back), or drawn; then the
-    initial weights are drawn from it (DDP copies rank 0's to the others)."""
+def choose_seed(args, procs):
+    """The run's seed: given, or the resumed run's (restore_arguments brought it back), or drawn by the first
+    process and shared, so that all shuffle alike (else their shares of the data overlap); then the initial
+    weights are drawn from it (DDP copies rank 0's to the others)."""
     if args.manualSeed is None:
-        args.manualSeed = random.randint(1, 10000)
+        drawn = random.randint(1, 10000) if procs.is_main else 0
+        args.manualSeed = int(sum_over_processes([drawn], procs)[0])
+    if procs.distributed:
+        print(f"process {procs.rank} of {procs.world}: seed {args.manualSeed}", flush=True)
     torch.manual_seed(args.manualSeed)
 
 
@@ -1138,8 +1280,6 @@ def finish(args, start_epoch, best_acc, procs):
         procs.print(f"nothing to train: the run is at epoch {start_epoch} of --epochs {args.epochs}")
     else:
         procs.print(f"best top-1 {best_acc:.2f}%; checkpoints, log.jsonl and curves.png in {args.checkpoint}")
-    if procs.distributed:
-        dist.destroy_process_group()
 
 
 def main(argv=None):
@@ -1149,46 +1289,46 @@ def main(argv=None):
         raise UserError(f"{flag} needs --resume PATH: the checkpoint to use")
     checkpoint = read_checkpoint_file(args.resume) if args.resume else None
     overrides = restore_arguments(args, argv, checkpoint)
-    procs = setup_processes(args)
-    for line in overrides:
-        procs.print(line)
-    if procs.is_main and not args.evaluate:
-        prepare_folder(args.checkpoint)
-    choose_seed(args)
-    if args.show_pocas:  # no data needed: the classes are the checkpoint's, or ImageNet's
-        classes = checkpoint.get("classes") or imagenet_classes()
-    else:
-        train_set, val_set, classes = build_datasets(args)
-    model, config = build_model(args, len(classes), checkpoint, procs)
-    procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
-                f"classes, {procs.world} process(es) on {procs.device.type}")
-    if args.show_pocas:
-        return write_figures(model, args, classes, procs.device)
-    net = wrap_model(model, args, procs)
-    train_loader, val_loader = build_loaders(args, train_set, val_set, procs.world, procs.rank,
-                                             pin=procs.device.type == "cuda")
-    if args.evaluate:
-        return evaluate_and_report(net, val_loader, procs)
+    with processes(args) as procs:
+        for line in overrides:
+            procs.print(line)
+        if procs.is_main and not args.evaluate:
+            prepare_folder(args.checkpoint)
+        choose_seed(args, procs)
+        if args.show_pocas:
+            classes = figure_classes(checkpoint, args)
+        else:
+            train_set, val_set, classes = build_datasets(args)
+            check_classes(checkpoint, classes, args)
+        model, config = build_model(args, len(classes), checkpoint, procs)
+        procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
+                    f"classes, {procs.world} process(es) on {procs.device.type}, {procs.precision}")
+        if args.show_pocas:
+            return write_figures(model, args, classes, procs.device) if procs.is_main else []
+        net = wrap_model(model, args, procs)
+        train_loader, val_loader = build_loaders(args, train_set, val_set, procs.world, procs.rank,
+                                                 pin=procs.device.type == "cuda")
+        if args.evaluate:
+            return evaluate_and_report(net, val_loader, procs)
 
-    optimizer, scaler, ema = build_optimizer(model, args, procs.device)
-    start_epoch, best_acc, log = restore_run(args, checkpoint, optimizer, scaler, ema, procs)
-    mixup_cutmix = build_mixup_cutmix(args, len(classes))
-    with interruptible(args.checkpoint):
-        for epoch in range(start_epoch, args.epochs):
-            record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs)
-            result = evaluate(net, val_loader, procs)
-            record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
-                          unreadable_val_images=result["unreadable"])
-            if ema is not None:
-                record["ema_val_top1"] = evaluate(ema, val_loader, procs, progress=False)["top1"]
-            best_acc = max(best_acc, result["top1"])
-            if procs.is_main:
-                state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, acc=result["top1"],
-                             state_dict=model.state_dict(), best_acc=best_acc, optimizer=optimizer.state_dict(),
-                             scaler=scaler.state_dict(), args=vars(args), **({"ema": ema.state_dict()} if ema else {}))
-                save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
-                log_epoch(log, record, args.checkpoint, args.epochs)
-    finish(args, start_epoch, best_acc, procs)
+        optimizer, scaler, ema = build_optimizer(model, args, procs)
+        start_epoch, best_acc, log = restore_run(args, checkpoint, optimizer, scaler, ema, procs)
+        del checkpoint  # restored: its weights and optimizer state (a gigabyte for DeiT-B) need not stay in memory
+        mixup_cutmix = build_mixup_cutmix(args, len(classes))
+        with interruptible(args.checkpoint):
+            for epoch in range(start_epoch, args.epochs):
+                record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args,
+                                         procs)
+                result = evaluate_epoch(net, ema, val_loader, record, epoch, args, procs)
+                best_acc = max(best_acc, result["top1"])
+                if procs.is_main:
+                    state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, acc=result["top1"],
+                                 state_dict=model.state_dict(), best_acc=best_acc, optimizer=optimizer.state_dict(),
+                                 scaler=scaler.state_dict(), args=vars(args),
+                                 **({"ema": ema.state_dict()} if ema else {}))
+                    save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
+                    log_epoch(log, record, args.checkpoint, args.epochs)
+        finish(args, start_epoch, best_acc, procs)
     return dict(best_acc=best_acc, log=log)
 
 

@@ -8,6 +8,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import noah
 
@@ -24,12 +25,13 @@ def count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def run(args, nproc=1, check=True):
-    """Run train.py as a user would, in its own process (under torchrun when nproc > 1)."""
+def run(args, nproc=1, check=True, env=None):
+    """Run train.py as a user would, in its own process (under torchrun when nproc > 1), with `env` added to the
+    environment."""
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{k: str(v) for k, v in (env or {}).items()})
     done = subprocess.run(launcher + [str(ROOT / "train.py")] + [str(a) for a in args], capture_output=True,
                           text=True, env=env, timeout=600)
     if check:
@@ -95,3 +97,24 @@ def fails_cleanly(done, message):
     assert message in done.stderr, done.stderr[-2000:]
     if "torch.distributed.run" not in done.args:
         assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def mixed_image_folder(root, train_per_class, val_per_class, classes=("ant", "bee", "cat", "dog"), seed=0):
+    """An ImageFolder with train/ and val/ of every kind of file a real folder holds: RGB and CMYK JPEGs,
+    grayscale, palette and RGBA PNGs, of random sizes from 1x1 to very wide and very tall. Each class is a
+    colour, so that a model can learn it. -> root."""
+    g = torch.Generator().manual_seed(seed)
+    kinds = [("RGB", "jpg"), ("L", "png"), ("P", "png"), ("RGBA", "png"), ("CMYK", "jpg")]
+    shapes = [(1, 1), (2, 3), (400, 3), (3, 300)]  # tiny, very wide, very tall: one in ten images
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c, name in enumerate(classes):
+            folder = Path(root) / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                draw = torch.randint(0, 1000, (4,), generator=g).tolist()
+                width, height = shapes[draw[0] % 4] if draw[0] % 10 == 0 else (8 + draw[1] % 57, 8 + draw[2] % 57)
+                mode, suffix = kinds[draw[3] % len(kinds)]
+                colour = torch.tensor([60 + 60 * c, 200 - 40 * c, 128])
+                pixels = (colour + 40 * torch.randn(height, width, 3, generator=g)).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).convert(mode).save(folder / f"{i}.{suffix}")
+    return Path(root)

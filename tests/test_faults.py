@@ -228,7 +228,7 @@ def test_img_size_picks_the_imagenette_download(monkeypatch, tmp_path, img_size,
 
     asked = []
 
-    def offline(root, split, size, download=False, transform=None):
+    def offline(root, split, size, download=False, transform=None, loader=None):
         asked.append(size)
         raise OSError("network unreachable")
 

@@ -95,7 +95,7 @@ def test_validation_counts_every_image_once_whatever_the_processes(image_folder)
     _, val_set, _ = train.build_datasets(args)
     for world in (1, 2, 3, 5):
         loaders = [train.build_loaders(args, val_set, val_set, world, rank, False)[1] for rank in range(world)]
-        shares = [loader.dataset.indices for loader in loaders]
+        shares = [[index for index, _ in loader.sampler] for loader in loaders]
         assert sorted(i for share in shares for i in share) == list(range(len(val_set)))
 
 
