@@ -43,12 +43,12 @@ class HeadwiseLinear(nn.Module):
     This is a 1x1 convolution with `groups=N` (the original repository writes it that way); keeping
     the weight as (N, K, D) makes the per-head structure visible, and with the M = B*L positions of
     the whole batch laid out last it is one batched matrix product, bias added in the same call.
-    Initialized like that convolution: Kaiming normal in fan-out mode, std = sqrt(2 / (N * K)), zero bias.
+    Weights are drawn normal with the given std (NOAH chooses it), biases start at zero.
     """
 
-    def __init__(self, heads, in_dim, out_dim):
+    def __init__(self, heads, in_dim, out_dim, std):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(heads, out_dim, in_dim) * math.sqrt(2.0 / (heads * out_dim)))
+        self.weight = nn.Parameter(torch.randn(heads, out_dim, in_dim) * std)
         self.bias = nn.Parameter(torch.zeros(heads, out_dim))
 
     def forward(self, x):
@@ -84,10 +84,26 @@ class NOAH(nn.Module):
     split, and softmax and sum run over the contiguous last axis. Tensors of K * N * B * L numbers are
     the head's whole cost, so this layout is what makes it fast (bench.py, section 2, measures it
     against the original's grouped 1x1 convolutions). `poca_maps` returns the usual (B, N, K, H, W).
+
+    Initialization. The original builds both projections as grouped 1x1 convolutions initialized Kaiming
+    normal in fan-out mode: std = sqrt(2 / (N * K)). Its per-weight scale so grows as the class count K
+    shrinks (x 13 from K = 1000 to K = 6): on a few classes the logits start large, far from ln K, and the
+    quick runs train from a handicap. `init="scaled"` (the default) draws the same numbers at the scale they
+    have for K = 1000, whatever K: std = sqrt(2 / (N * 1000)), the original's exactly at K = 1000.
+    `init="original"` keeps the original's for any K. Two more, which docs/init.md measures against them:
+    "linear" draws at the scale of a linear layer's default, std = 1 / sqrt(3 D) for D inputs per head, and
+    "zero_value" draws the keys' projection as "scaled" and starts the values' at zero (all logits 0).
     """
 
-    def __init__(self, in_channels, num_classes, head_num=4, key_ratio=0.5, dropout=0.0):
+    INITS = ("scaled", "original", "linear", "zero_value")
+
+    INIT_CLASSES = 1000  # the class count at which "scaled" and "original" coincide: ImageNet's
+
+    def __init__(self, in_channels, num_classes, head_num=4, key_ratio=0.5, dropout=0.0, init="scaled"):
         super().__init__()
+        if init not in self.INITS:
+            raise ValueError(f"init={init!r}: choose 'scaled' (the original's scale at 1000 classes, for any "
+                             f"number of classes), 'original', 'linear' or 'zero_value'")
         if not 0 < key_ratio < 1:
             raise ValueError(f"key_ratio={key_ratio} must lie strictly between 0 and 1: it is the share of "
                              f"the {in_channels} channels used as keys, the rest being values")
@@ -99,9 +115,19 @@ class NOAH(nn.Module):
         check_head_num(head_num, key_channels, value_channels)
         self.head_num = head_num
         self.key_channels = key_channels
-        self.query = HeadwiseLinear(head_num, key_channels // head_num, num_classes)
-        self.value = HeadwiseLinear(head_num, value_channels // head_num, num_classes)
+        key_dim, value_dim = key_channels // head_num, value_channels // head_num
+        value_std = 0.0 if init == "zero_value" else self.init_std(init, num_classes, value_dim)
+        self.query = HeadwiseLinear(head_num, key_dim, num_classes, self.init_std(init, num_classes, key_dim))
+        self.value = HeadwiseLinear(head_num, value_dim, num_classes, value_std)
         self.dropout = nn.Dropout(dropout)
+
+    def init_std(self, init, num_classes, in_dim):
+        """The std of a projection's weights under each init (see above)."""
+        if init == "original":
+            return math.sqrt(2.0 / (self.head_num * num_classes))
+        if init == "linear":
+            return 1 / math.sqrt(3 * in_dim)
+        return math.sqrt(2.0 / (self.head_num * self.INIT_CLASSES))  # "scaled", and the keys of "zero_value"
 
     def split(self, x):
         """(B, C, H, W) -> keys (N, Ck/N, B*L), values (N, Cv/N, B*L): heads first, positions last."""
@@ -901,12 +927,14 @@ def model_entry(name):
 
 
 def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=None, dropout=None, img_size=None,
-                 drop_rate=None, drop_path_rate=None, representation_size=None):
+                 drop_rate=None, drop_path_rate=None, representation_size=None, head_init=None):
     """Build a model by name, with the NOAH head (default) or the standard head ("gap").
 
     Every keyword left out or given as None takes its default. head_num, key_ratio and dropout default to
     the paper's setting for that backbone. The standard head has no head_num or key_ratio; its dropout
-    defaults to 0, as in the original repository, whose baselines leave --dropout unused.
+    defaults to 0, as in the original repository, whose baselines leave --dropout unused. head_init (NOAH
+    only) is one of NOAH.INITS, "scaled" by default (see NOAH's docstring); the MLP models draw their NOAH
+    projections LeCun-normal, as the original does, whatever the class count, so it changes nothing there.
 
     img_size (default 224) is the input size a token backbone is built for: its position embeddings are
     learnt on that grid (DeiT and PVT interpolate them for other sizes), and the token-mixing layers of
@@ -925,23 +953,24 @@ def create_model(name, num_classes=1000, head="noah", head_num=None, key_ratio=N
     >>> baseline = create_model("resnet50", head="gap")  # GAP + FC: 25,557,032 parameters
     """
     entry = model_entry(name)
-    head_args = head_settings(entry, head, head_num, key_ratio, dropout)
+    head_args = head_settings(entry, head, head_num, key_ratio, dropout, head_init)
     backbone_args = backbone_settings(name, entry, img_size, drop_rate, drop_path_rate, representation_size)
     model = entry.build(head=head, num_classes=num_classes, **head_args, **backbone_args)
     model.data_config = entry.data_config
     return model
 
 
-def head_settings(entry, head, head_num, key_ratio, dropout):
+def head_settings(entry, head, head_num, key_ratio, dropout, head_init):
     """The head's keywords: those given, the rest from the paper's setting for the backbone."""
     if dropout is not None and not 0 <= dropout < 1:
         raise ValueError(f"dropout={dropout} must lie in [0, 1)")
     if head == "noah":
         given = dict(head_num=head_num, key_ratio=key_ratio, dropout=dropout)
-        return {key: getattr(entry, key) if value is None else value for key, value in given.items()}
+        return {**{key: getattr(entry, key) if value is None else value for key, value in given.items()},
+                "init": head_init or "scaled"}
     if head == "gap":
-        if head_num is not None or key_ratio is not None:
-            raise ValueError("head_num and key_ratio set the NOAH head; the 'gap' head has neither: "
+        if head_num is not None or key_ratio is not None or head_init is not None:
+            raise ValueError("head_num and key_ratio (and head_init) set the NOAH head; the 'gap' head has neither: "
                              "leave them unset or use head='noah'")
         return dict(dropout=0.0 if dropout is None else dropout)
     raise ValueError(f"unknown head {head!r}; choose 'noah' or 'gap'")
@@ -1371,6 +1400,30 @@ def check_fit(state, expected, strict, whole=None):
             problems.append("the file has the pre-logits layer of the original narrow DeiTs: build the model with "
                             f"create_model(name, representation_size={state['pre_logits.fc.weight'].shape[0]})")
         raise ValueError("checkpoint does not fit the model: " + "; ".join(problems))
+
+
+def pre_logits_width(source):
+    """The width of the pre-logits layer that the original narrow DeiTs have, if a checkpoint has one."""
+    try:
+        state = read_state_dict(source)
+    except ValueError:  # not a checkpoint: load_checkpoint says so in its own words
+        return None
+    return next((value.shape[0] for key, value in state.items() if key.endswith("pre_logits.fc.weight")), None)
+
+
+def stored_num_classes(source, head_num):
+    """How many classes a checkpoint's head has (either head, any layout; head_num: N, which the original's
+    grouped-convolution layout does not store), or None if it holds no head this file knows."""
+    try:
+        state = to_this_layout(read_state_dict(source), {})
+    except ValueError:
+        return None
+    fc, query = state.get("head.fc.weight"), state.get("head.query.weight")
+    if fc is not None:
+        return fc.shape[0]
+    if query is not None:  # (N, K, D), or the grouped convolution's (N*K, D, 1, 1)
+        return query.shape[1] if query.ndim == 3 else query.shape[0] // head_num
+    return None
 
 
 def guess_model(state):
