@@ -32,6 +32,7 @@ from einops import rearrange
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+import data
 import noah
 import train
 
@@ -282,8 +283,9 @@ def data_pipeline(worker_counts, variant, batch, img_size, images, model, traini
         for workers in tqdm(worker_counts, desc="5. data", leave=False):
             args = train.parse_args(["--data", folder, "--img-size", str(img_size), "--workers", str(workers),
                                      "--train-batch", str(batch), "--manualSeed", "0"])
-            train_set = train.image_folder(os.path.join(folder, "train"), train.build_transforms(args, train=True))
-            loader, _ = train.build_loaders(args, train_set, train_set, 1, 0, pin=variant.device.type == "cuda")
+            train_set = torchvision.datasets.ImageFolder(os.path.join(folder, "train"), data.build_transforms(
+                args, train=True), loader=data.read_image)
+            loader, _ = data.build_loaders(args, train_set, train_set, 1, 0, pin=variant.device.type == "cuda")
             batches = iter(loader)
             next(batches)  # the workers have started: time the steady flow from here
             started, seen = time.perf_counter(), 0

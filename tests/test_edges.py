@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import noah
 import train
 from helpers import build, fails_cleanly, read_log, run, small_run, weights
@@ -42,11 +43,11 @@ def test_mixup_and_cutmix_give_the_same_weights_whatever_the_workers(image_folde
 def test_loading_a_sample_leaves_the_loading_processs_random_numbers_alone(image_folder):
     """With --workers 0 the samples load in the main process, whose random numbers MixUp draws next."""
     args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--randaug", "9"])
-    train_set, _, _ = train.build_datasets(args)
+    train_set, _, _ = data.build_datasets(args)
     torch.manual_seed(7)
     expected = torch.rand(3)
     torch.manual_seed(7)
-    train.Samples(train_set)[(0, 12345)]
+    data.Samples(train_set)[(0, 12345)]
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -109,16 +110,16 @@ def test_non_finite_validation_outputs_stop_the_run_and_never_become_best(image_
 
 
 def test_a_validation_set_with_no_readable_image_stops_in_one_line(image_folder, tmp_path):
-    data = tmp_path / "data"
+    root = tmp_path / "root"
     for split, files in (("train", 6), ("val", 2)):
         for name in ("apple", "pear"):
-            (data / split / name).mkdir(parents=True)
+            (root / split / name).mkdir(parents=True)
             for i in range(files):
                 content = b"not an image" if split == "val" else None
-                path = data / split / name / f"{i}.png"
+                path = root / split / name / f"{i}.png"
                 path.write_bytes(content) if content else Image.new("RGB", (8, 8), (40 * i, 9, 9)).save(path)
     with pytest.raises(train.UserError, match="none of the 4 validation images could be read"):
-        train.main([str(a) for a in small_run(data, tmp_path / "run", "--train-batch", 4, "--test-batch", 4)])
+        train.main([str(a) for a in small_run(root, tmp_path / "run", "--train-batch", 4, "--test-batch", 4)])
 
 
 # --- 5. a checkpoint of other classes -----------------------------------------------------------------------------
@@ -235,5 +236,5 @@ def test_a_cifar_folder_that_fails_its_checksum_is_not_called_missing(monkeypatc
                                                                    "cifar-10-batches-py", "__new__": offline}))
     (tmp_path / "cifar-10-batches-py").mkdir()
     with pytest.raises(train.UserError) as error:
-        train.build_datasets(train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)]))
+        data.build_datasets(train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)]))
     assert "cifar-10-batches-py exists, but its files failed torchvision's checksum" in str(error.value)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import noah
 import train
 from helpers import ROOT, build, fails_cleanly, in_original_layout, read_log, run, small_run, weights
@@ -166,10 +167,10 @@ def bad_images(root):
 
 @pytest.mark.slow
 def test_unreadable_images_are_skipped_with_a_warning_naming_each(image_folder, tmp_path):
-    data = bad_images(shutil.copytree(image_folder, tmp_path / "data"))
-    done = run(small_run(data, tmp_path / "run", "--train-batch", 9, "--workers", 1, "--max-unreadable", 0.2))
+    root = bad_images(shutil.copytree(image_folder, tmp_path / "root"))
+    done = run(small_run(root, tmp_path / "run", "--train-batch", 9, "--workers", 1, "--max-unreadable", 0.2))
     for path in ("train/apple/garbage.jpg", "train/pear/truncated.jpg", "train/plum/empty.jpg", "val/plum/garbage.jpg"):
-        assert f"skipped an unreadable image: {data / path}" in done.stderr, done.stderr[-2000:]
+        assert f"skipped an unreadable image: {root / path}" in done.stderr, done.stderr[-2000:]
     (record,) = read_log(tmp_path / "run")
     assert (record["unreadable_train_images"], record["unreadable_val_images"]) == (3, 1)
     assert "3 unreadable training images skipped" in done.stdout
@@ -177,10 +178,10 @@ def test_unreadable_images_are_skipped_with_a_warning_naming_each(image_folder, 
 
 @pytest.mark.slow
 def test_a_batch_of_mostly_unreadable_images_stops_the_run(image_folder, tmp_path):
-    data = shutil.copytree(image_folder, tmp_path / "data")
-    for path in list((data / "train").rglob("*.jpg"))[:20]:
+    root = shutil.copytree(image_folder, tmp_path / "root")
+    for path in list((root / "train").rglob("*.jpg"))[:20]:
         path.write_bytes(b"not an image")
-    done = run(small_run(data, tmp_path / "run"), check=False)
+    done = run(small_run(root, tmp_path / "run"), check=False)
     fails_cleanly(done, "unreadable: more than half of a batch")
 
 
@@ -207,7 +208,7 @@ def imagenette_tree(root, folder="imagenette2-320", splits=("train", "val"), ski
 @pytest.mark.parametrize("folder", ["imagenette2-160", "imagenette2-320", "imagenette2"])
 def test_imagenette_of_any_extracted_size_is_found(tmp_path, folder):
     imagenette_tree(tmp_path, folder)
-    train_set, val_set, classes = train.build_datasets(train.parse_args(
+    train_set, val_set, classes = data.build_datasets(train.parse_args(
         ["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", "32"]))
     assert (len(train_set), len(val_set), classes[0]) == (10, 10, "tench")
 
@@ -219,7 +220,7 @@ def test_imagenette_of_any_extracted_size_is_found(tmp_path, folder):
 def test_a_bad_imagenette_tree_is_reported_as_a_bad_tree(tmp_path, tree, message):
     imagenette_tree(tmp_path, **tree)
     with pytest.raises(train.UserError, match=message):
-        train.build_datasets(train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", "32"]))
+        data.build_datasets(train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", "32"]))
 
 
 @pytest.mark.parametrize("img_size, size", [(128, "160px"), (224, "320px"), (384, "full")])
@@ -237,17 +238,17 @@ def test_img_size_picks_the_imagenette_download(monkeypatch, tmp_path, img_size,
         "__new__": lambda cls, *args, **kwargs: offline(*args, **kwargs)}))
     args = train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", str(img_size)])
     with pytest.raises(train.UserError) as error:
-        train.build_datasets(args)
+        data.build_datasets(args)
     assert asked == [size]
     assert datasets.Imagenette._ARCHIVES[size][0] in str(error.value) and "train/ and val/" in str(error.value)
 
 
 def test_train_and_val_with_other_class_names_are_named(image_folder, tmp_path):
-    data = shutil.copytree(image_folder, tmp_path / "data")
-    (data / "val" / "plum").rename(data / "val" / "prune")
+    root = shutil.copytree(image_folder, tmp_path / "root")
+    (root / "val" / "plum").rename(root / "val" / "prune")
     with pytest.raises(train.UserError, match=r"train/ and val/ must have the same class folders: only in "
                                               r"train/: plum; only in val/: prune"):
-        train.build_datasets(train.parse_args(["--data", str(data)]))
+        data.build_datasets(train.parse_args(["--data", str(root)]))
 
 
 # --- files that are not checkpoints ---------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import data
 import noah
 import train
 from helpers import run, timm_style
@@ -86,7 +87,7 @@ def test_mlp_training_crops_use_the_originals_ratio_and_a_random_interpolation()
     from torchvision.transforms import v2
 
     args = train.parse_args(["--preset", "noah_mixer_s16_224", "--data", "D"])
-    crop = train.build_transforms(args, train=True).transforms[0]
+    crop = data.build_transforms(args, train=True).transforms[0]
     assert isinstance(crop, v2.RandomChoice)
     assert [(c.ratio, c.interpolation.value) for c in crop.transforms] == [
         ((0.67, 1.5), "bilinear"), ((0.67, 1.5), "bicubic")]
@@ -99,11 +100,11 @@ def augment(name, image, m, **kwargs):
     """One operation on a uint8 image (3, H, W) or (1, H, W), done on PIL as in training."""
     from torchvision.transforms.v2 import functional as F
 
-    return F.pil_to_tensor(train.RandAugment(1, 10, **kwargs).apply(name, F.to_pil_image(image), m))
+    return F.pil_to_tensor(data.RandAugment(1, 10, **kwargs).apply(name, F.to_pil_image(image), m))
 
 
 def test_randaugment_draws_timms_increasing_ops():
-    assert train.RandAugment.OPS == ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
+    assert data.RandAugment.OPS == ("AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
                                      "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
                                      "ShearY", "TranslateX", "TranslateY")
 
@@ -153,9 +154,9 @@ def test_shear_about_the_top_left_corner_and_translate_by_0_45_of_the_side():
 
 def test_each_op_applies_with_probability_one_half_at_a_noisy_clipped_magnitude(monkeypatch):
     magnitudes = []
-    monkeypatch.setattr(train.RandAugment, "apply", lambda self, name, image, m: magnitudes.append(m) or image)
+    monkeypatch.setattr(data.RandAugment, "apply", lambda self, name, image, m: magnitudes.append(m) or image)
     torch.manual_seed(0)
-    augment_ = train.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
+    augment_ = data.RandAugment(num_ops=2, magnitude=9, magnitude_std=0.5)
     for _ in range(2000):
         augment_(torch.zeros(3, 4, 4, dtype=torch.uint8))
     assert 0.45 < len(magnitudes) / 4000 < 0.55
@@ -165,9 +166,9 @@ def test_each_op_applies_with_probability_one_half_at_a_noisy_clipped_magnitude(
 
 def test_a_deit_preset_augments_photos_with_it(image_folder):
     args = train.parse_args(["--preset", "noah_deit_tiny_patch16_224", "--data", str(image_folder), "--img-size", "32"])
-    transform = train.build_transforms(args, train=True)
-    assert any(isinstance(t, train.RandAugment) for t in transform.transforms)
-    train_set, _, _ = train.build_datasets(args)
+    transform = data.build_transforms(args, train=True)
+    assert any(isinstance(t, data.RandAugment) for t in transform.transforms)
+    train_set, _, _ = data.build_datasets(args)
     assert train_set[0][0].shape == (3, 32, 32)
 
 

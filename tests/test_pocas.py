@@ -4,6 +4,7 @@ import matplotlib
 import pytest
 import torch
 
+import data
 import noah
 import train
 from helpers import build
@@ -74,7 +75,7 @@ def shapes_model(tmp_path_factory):
 @pytest.mark.slow
 def test_pointing_game_of_a_briefly_trained_model_is_well_above_chance(shapes_model):
     args = train.parse_args(["--preset", "shapes"])
-    validation = train.Shapes(300, 128, seed=1, transform=train.build_transforms(args, train=False))
+    validation = data.Shapes(300, 128, seed=1, transform=data.build_transforms(args, train=False))
     images = torch.stack([validation[i][0] for i in range(300)])
     labels = torch.tensor([validation.sample(i)[1] for i in range(300)])
     boxes = torch.stack([validation.sample(i)[2] for i in range(300)])

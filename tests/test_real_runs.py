@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data
 import train
 from helpers import mixed_image_folder, read_log, run, small_run
 
@@ -27,9 +28,9 @@ SIZES = [(1, 1), (2, 1), (1, 2), (500, 3), (3, 500), (17, 9)]
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "random"])
-@pytest.mark.parametrize("name", train.RandAugment.OPS)
+@pytest.mark.parametrize("name", data.RandAugment.OPS)
 def test_every_operation_at_every_magnitude_on_every_mode_and_size(name, interpolation):
-    augment = train.RandAugment(2, 9, 0.5, interpolation)
+    augment = data.RandAugment(2, 9, 0.5, interpolation)
     for mode in MODES:
         for size in SIZES:
             image = Image.new("RGB", size, (200, 90, 30)).convert(mode)
@@ -43,15 +44,15 @@ def is_black(image):
 
 
 def test_posterize_at_the_top_of_the_scale_keeps_no_bit_as_timm_did():
-    assert is_black(train.RandAugment(1, 10).apply("Posterize", Image.new("RGB", (4, 4), (255, 200, 7)), 1.0))
-    assert not is_black(train.RandAugment(1, 10).apply("Posterize", Image.new("RGB", (4, 4), (255, 200, 7)), 0.99))
+    assert is_black(data.RandAugment(1, 10).apply("Posterize", Image.new("RGB", (4, 4), (255, 200, 7)), 1.0))
+    assert not is_black(data.RandAugment(1, 10).apply("Posterize", Image.new("RGB", (4, 4), (255, 200, 7)), 0.99))
 
 
 def test_magnitudes_drawn_past_the_top_of_the_scale_are_clipped_and_applied(monkeypatch):
     """N(10, 1) clipped at 10: half the draws land on 10 itself, where Posterize keeps no bit (below, one bit
     keeps white grey). Each of 3 operations is applied with p 1/2, so an image ends black with p 1 - (3/4)^3."""
-    monkeypatch.setattr(train.RandAugment, "OPS", ("Posterize",))
-    augment = train.RandAugment(3, 10, magnitude_std=1.0)
+    monkeypatch.setattr(data.RandAugment, "OPS", ("Posterize",))
+    augment = data.RandAugment(3, 10, magnitude_std=1.0)
     torch.manual_seed(0)
     black = sum(is_black(augment(Image.new("RGB", (3, 3), (255, 255, 255)))) for _ in range(400))
     assert abs(black / 400 - (1 - 0.75 ** 3)) < 0.07  # 0.578; three standard deviations are 0.074
@@ -61,7 +62,7 @@ def test_a_failing_augmentation_stops_the_run_naming_the_file_and_the_operation(
     def broken(self, name, image, m):
         raise ValueError("planted")
 
-    monkeypatch.setattr(train.RandAugment, "apply", broken)
+    monkeypatch.setattr(data.RandAugment, "apply", broken)
     for workers in (0, 2):
         with pytest.raises(train.UserError) as error:
             train.main([str(a) for a in small_run(image_folder, tmp_path, "--randaug", 10, "--randaug-n", 4,
@@ -105,12 +106,12 @@ builtins.open = logged_open
 @pytest.mark.slow
 def test_torchrun_without_a_seed_shares_one_and_an_epoch_loads_every_image_once(tmp_path):
     """Seen from outside: which image files each process opens."""
-    data = mixed_image_folder(tmp_path / "data", train_per_class=8, val_per_class=2)
+    root = mixed_image_folder(tmp_path / "root", train_per_class=8, val_per_class=2)
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "sitecustomize.py").write_text(OPEN_LOGGER)
     (tmp_path / "opened").mkdir()
-    env = dict(PYTHONPATH=tmp_path / "site", LOG_UNDER=str(data / "train"), LOG_TO=tmp_path / "opened")
-    args = small_run(data, tmp_path / "run")
+    env = dict(PYTHONPATH=tmp_path / "site", LOG_UNDER=str(root / "train"), LOG_TO=tmp_path / "opened")
+    args = small_run(root, tmp_path / "run")
     seed_flag = args.index("--manualSeed")
     del args[seed_flag:seed_flag + 2]
     done = run(args, nproc=2, env=env)
@@ -119,7 +120,7 @@ def test_torchrun_without_a_seed_shares_one_and_an_epoch_loads_every_image_once(
     per_process = [(tmp_path / "opened" / pid).read_text().split() for pid in os.listdir(tmp_path / "opened")]
     assert len(per_process) == 2
     opened = Counter(path for paths in per_process for path in paths)
-    every_image = {str(p) for p in (data / "train").rglob("*.*")}
+    every_image = {str(p) for p in (root / "train").rglob("*.*")}
     assert set(opened) == every_image and set(opened.values()) == {1}
     saved = torch.load(tmp_path / "run" / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
     assert str(saved["args"]["manualSeed"]) in seeds

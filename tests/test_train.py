@@ -12,6 +12,7 @@ import torch
 import torchvision
 from PIL import Image
 
+import data
 import train
 from helpers import build, fails_cleanly, read_log, run, save_original_checkpoint, small_run, weights
 
@@ -92,9 +93,9 @@ def test_evaluate_reproduces_the_logged_accuracy_with_one_and_two_processes(imag
 
 def test_validation_counts_every_image_once_whatever_the_processes(image_folder):
     args = train.parse_args(["--data", str(image_folder), "--workers", "0", "--manualSeed", "0", "--train-batch", "5"])
-    _, val_set, _ = train.build_datasets(args)
+    _, val_set, _ = data.build_datasets(args)
     for world in (1, 2, 3, 5):
-        loaders = [train.build_loaders(args, val_set, val_set, world, rank, False)[1] for rank in range(world)]
+        loaders = [data.build_loaders(args, val_set, val_set, world, rank, False)[1] for rank in range(world)]
         shares = [[index for index, _ in loader.sampler] for loader in loaders]
         assert sorted(i for share in shares for i in share) == list(range(len(val_set)))
 
@@ -177,7 +178,7 @@ def test_evaluation_settings_come_from_the_model_unless_given():
 def test_eval_transform_resizes_crops_the_centre_and_normalizes():
     picture = Image.new("RGB", (120, 80), (255, 0, 0))
     picture.paste((0, 0, 255), (0, 0, 20, 80))  # a blue band on the left, cut off by the centre crop
-    image = train.eval_transform(32, crop_pct=0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(picture)
+    image = data.eval_transform(32, crop_pct=0.5, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))(picture)
     assert image.shape == (3, 32, 32)  # 80 -> 64 pixels high, then the central 32 x 32
     torch.testing.assert_close(image[:, 16, 16], torch.tensor([1.0, -1.0, -1.0]))
     assert image[2].max() < -0.9  # no blue left
@@ -207,19 +208,19 @@ def test_nowd_bn_decays_only_convolution_and_linear_weights():
 
 
 def test_shapes_are_deterministic_and_boxes_hold_the_object():
-    shapes = train.Shapes(60, 64, seed=3)
+    shapes = data.Shapes(60, 64, seed=3)
     for i in range(60):
         image, label, box = shapes.sample(i)
         again, _, _ = shapes.sample(i)
         assert torch.equal(image, again) and label == i % 6
         x0, y0, x1, y1 = box.tolist()
         assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
-    assert not torch.equal(train.Shapes(1, 64, seed=4).sample(0)[0], shapes.sample(0)[0])
+    assert not torch.equal(data.Shapes(1, 64, seed=4).sample(0)[0], shapes.sample(0)[0])
 
 
 def test_repeated_augmentation_gives_each_process_its_share():
     dataset = list(range(96))
-    samplers = [train.RepeatedAugSampler(dataset, 4, rank, 3, seed=0) for rank in range(4)]
+    samplers = [data.RepeatedAugSampler(dataset, 4, rank, 3, seed=0) for rank in range(4)]
     drawn = [list(s) for s in samplers]
     assert [len(d) for d in drawn] == [24] * 4
     everything = [i for d in drawn for i in d]
@@ -229,11 +230,11 @@ def test_repeated_augmentation_gives_each_process_its_share():
 def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(image_folder):
     args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5",
                              "--train-batch", "6"])
-    train_set, val_set, _ = train.build_datasets(args)
+    train_set, val_set, _ = data.build_datasets(args)
     batches = {}
     for workers in (0, 2):
         args.workers = workers
-        loader, _ = train.build_loaders(args, train_set, val_set, 1, 0, False)
+        loader, _ = data.build_loaders(args, train_set, val_set, 1, 0, False)
         loader.sampler.set_epoch(1)
         batches[workers] = torch.cat([images for images, _, _ in loader])
     assert torch.equal(batches[0], batches[2])
@@ -318,7 +319,7 @@ def test_imagenette_loads_from_its_extracted_archive_without_downloading(tmp_pat
             folder.mkdir(parents=True)
             Image.new("RGB", (48, 40), (10, 200, 30)).save(folder / "a.JPEG")
     args = train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", "32"])
-    train_set, val_set, classes = train.build_datasets(args)
+    train_set, val_set, classes = data.build_datasets(args)
     assert (len(train_set), len(val_set), classes[:3]) == (10, 10, ["tench", "English springer", "cassette player"])
     assert train_set[0][0].shape == val_set[0][0].shape == (3, 32, 32)
 
@@ -336,7 +337,7 @@ def test_cifar_loads_from_its_extracted_archive(monkeypatch, tmp_path):
         pickle.dump(batch, open(folder / name, "wb"))
     pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, open(folder / "batches.meta", "wb"))
     args = train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)])
-    train_set, val_set, classes = train.build_datasets(args)
+    train_set, val_set, classes = data.build_datasets(args)
     assert (len(train_set), len(val_set), classes, args.img_size) == (20, 4, [f"class{i}" for i in range(10)], 32)
     assert train_set[0][0].shape == (3, 32, 32)
 
@@ -351,7 +352,7 @@ def test_failed_download_says_where_to_put_the_files(monkeypatch, tmp_path):
                                                                    "cifar-10-batches-py", "__new__": offline}))
     args = train.parse_args(["--dataset", "cifar10", "--data", str(tmp_path)])
     with pytest.raises(train.UserError) as error:
-        train.build_datasets(args)
+        data.build_datasets(args)
     assert "could not download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz" in str(error.value)
     assert f"extract it into {tmp_path}, so that {tmp_path}/cifar-10-batches-py exists" in str(error.value)
 
