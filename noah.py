@@ -1446,9 +1446,8 @@ def describe_noah_head(state, paper_heads):
     query, value = state["head.query.weight"], state["head.value.weight"]
     per_head = query.ndim == 3  # (N, K, D); else (N*K, D, 1, 1), which does not store N: the paper's is assumed
     heads = query.shape[0] if per_head else paper_heads
-    classes = query.shape[1] if per_head else query.shape[0] // paper_heads
     key_dim, value_dim = (w.shape[-1] if w.ndim == 3 else w.shape[1] for w in (query, value))
-    return f"NOAH (N={heads}, r={key_dim / (key_dim + value_dim):g}), {classes} classes"
+    return f"NOAH (N={heads}, r={key_dim / (key_dim + value_dim):g}), {stored_num_classes(state, paper_heads)} classes"
 
 
 @lru_cache(maxsize=None)

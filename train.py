@@ -524,10 +524,10 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far (read beside the
     resumed file, also when the run forks into another folder). A file of another program only gave its
     weights (in build_model): the run starts at epoch 1."""
-    if checkpoint is None or "config" not in checkpoint:
-        if checkpoint is not None:
-            procs.print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at "
-                        f"epoch 1")
+    if checkpoint is None:
+        return 0, 0.0, []
+    if "config" not in checkpoint:
+        procs.print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
         return 0, 0.0, []
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
