@@ -365,7 +365,8 @@ def choose_seed(args, procs):
         drawn = random.randint(1, 10000) if procs.is_main else 0
         args.manualSeed = int(sum_over_processes([drawn], procs)[0])
     if procs.distributed:
-        print(f"process {procs.rank} of {procs.world}: seed {args.manualSeed}", flush=True)
+        # One write, newline included: the processes share the terminal and a line must not be split.
+        print(f"process {procs.rank} of {procs.world}: seed {args.manualSeed}\n", end="", flush=True)
     torch.manual_seed(args.manualSeed)
 
 

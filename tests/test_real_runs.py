@@ -2,6 +2,7 @@
 kind, RandAugment at the ends of its ranges, torchrun as a user starts it (no --manualSeed), and float16 AMP
 with its grad scaler, run on the CPU as a GPU runs it (NOAH_FLOAT16_ON_CPU=1)."""
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -115,8 +116,8 @@ def test_torchrun_without_a_seed_shares_one_and_an_epoch_loads_every_image_once(
     seed_flag = args.index("--manualSeed")
     del args[seed_flag:seed_flag + 2]
     done = run(args, nproc=2, env=env)
-    seeds = {line.split("seed ")[1] for line in done.stdout.splitlines() if line.startswith("process ")}
-    assert len(seeds) == 1, done.stdout
+    seeds = re.findall(r"process \d of 2: seed (\d+)", done.stdout)
+    assert len(seeds) == 2 and len(set(seeds)) == 1, done.stdout
     per_process = [(tmp_path / "opened" / pid).read_text().split() for pid in os.listdir(tmp_path / "opened")]
     assert len(per_process) == 2
     opened = Counter(path for paths in per_process for path in paths)
