@@ -3,15 +3,15 @@
 A loader hands out (index, seed) pairs, and each sample is loaded and augmented with torch's random numbers
 seeded by its seed alone: so a resumed run sees the same augmented images, whatever the number of workers.
 """
+import functools
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from torchvision import datasets
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
@@ -23,9 +23,7 @@ class UserError(Exception):
     """A problem with the command line, the data or a file: reported in one line, without a traceback."""
 
 
-# ------------------------------------------------------------------------------------------------
-# Datasets
-# ------------------------------------------------------------------------------------------------
+# --- Datasets ------------------------------------------------------------------------------------------------------
 
 
 class Shapes(Dataset):
@@ -160,8 +158,7 @@ def imagenette(root, img_size, train_tf, val_tf):
     """Imagenette from whichever size is extracted in `root` (the one --img-size fits best first), else
     downloaded by torchvision in the smallest size that covers --img-size; read as two image folders."""
     wanted = "160px" if img_size <= 160 else "320px" if img_size <= 320 else "full"
-    preference = (wanted, "full", "320px", "160px")
-    extracted = [size for size in preference if os.path.isdir(os.path.join(root, IMAGENETTE[size]))]
+    extracted = [size for size in (wanted, "full", "320px", "160px") if os.path.isdir(f"{root}/{IMAGENETTE[size]}")]
     size = extracted[0] if extracted else wanted
     folder = os.path.join(root, IMAGENETTE[size])
     if not extracted:
@@ -187,9 +184,7 @@ def imagenet_classes():
     return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
 
 
-# ------------------------------------------------------------------------------------------------
-# Transforms
-# ------------------------------------------------------------------------------------------------
+# --- Transforms ----------------------------------------------------------------------------------------------------
 
 
 def eval_transform(img_size, crop_pct=0.875, interpolation="bilinear", mean=noah.MEAN_STD["imagenet"][0],
@@ -237,15 +232,14 @@ class RandAugment:
     variants, on PIL images as timm's, with torch's random numbers (so a sample's augmentation follows its seed).
 
     At magnitude m (0-10), with "±" a random sign:
-        AutoContrast, Equalize, Invert    no argument
-        Rotate                            ±30 m/10 degrees
-        Posterize                         keep 4 - int(4 m/10) bits (none at m = 10: black)
-        Solarize                          invert the pixels >= 256 - int(256 m/10)
-        SolarizeAdd                       add int(110 m/10) to the pixels < 128
-        Color, Contrast, Brightness,      enhancement factor 1 ± 0.9 m/10
-        Sharpness
-        ShearX, ShearY                    shear factor ±0.3 m/10 (about the top-left corner, as PIL's)
-        TranslateX, TranslateY            ±0.45 m/10 of the width / height
+        AutoContrast, Equalize, Invert              no argument
+        Rotate                                      ±30 m/10 degrees
+        Posterize                                   keep 4 - int(4 m/10) bits (none at m = 10: black)
+        Solarize                                    invert the pixels >= 256 - int(256 m/10)
+        SolarizeAdd                                 add int(110 m/10) to the pixels < 128
+        Color, Contrast, Brightness, Sharpness      enhancement factor 1 ± 0.9 m/10
+        ShearX, ShearY                              shear factor ±0.3 m/10 (about the top-left corner, as PIL's)
+        TranslateX, TranslateY                      ±0.45 m/10 of the width / height
     Geometric operations fill the uncovered pixels with the normalization mean, as timm does.
     """
 
@@ -315,69 +309,45 @@ def build_mixup_cutmix(args, num_classes):
     return v2.RandomChoice(chosen) if chosen else None
 
 
-# ------------------------------------------------------------------------------------------------
-# Loaders
-# ------------------------------------------------------------------------------------------------
+# --- Loaders -------------------------------------------------------------------------------------------------------
 
 
 def mix_seed(*numbers):
     """One 63-bit seed from several numbers, e.g. (run seed, epoch, rank): a different one for each combination."""
-    seed = 0
-    for n in numbers:
-        seed = (seed * 1_000_003 + n) % 2 ** 63
-    return seed
+    return functools.reduce(lambda seed, n: (seed * 1_000_003 + n) % 2 ** 63, numbers, 0)
 
 
-class RepeatedAugSampler(Sampler):
-    """DeiT's repeated augmentation: each chosen image is used `repeats` times in an epoch, spread over the
-    processes, each time with its own augmentation. Every process still sees len(dataset) / world images."""
+class TrainSampler(Sampler):
+    """A process's share of an epoch's training images, shuffled by (run seed, epoch), as (index, seed) pairs:
+    the seed, fixed by (run seed, epoch, rank, position in the epoch), draws the image's augmentation. With
+    repeats > 1, DeiT's repeated augmentation: each chosen image is used `repeats` times, spread over the
+    processes, each time with its own augmentation. Every process sees size // world images."""
 
-    def __init__(self, dataset, world, rank, repeats, seed):
-        self.size, self.world, self.rank, self.repeats, self.seed = len(dataset), world, rank, repeats, seed
-        self.epoch, self.per_process = 0, len(dataset) // world
+    def __init__(self, size, world, rank, repeats, seed):
+        self.size, self.world, self.rank, self.repeats, self.seed = size, world, rank, repeats, seed
+        self.epoch, self.per_process = 0, size // world
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __iter__(self):
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        repeated = order.repeat_interleave(self.repeats).tolist()
-        return iter(repeated[self.rank::self.world][: self.per_process])
+        share = order.repeat_interleave(self.repeats).tolist()[self.rank::self.world][: self.per_process]
+        return ((index, mix_seed(self.seed, self.epoch, self.rank, position)) for position, index in enumerate(share))
 
     def __len__(self):
         return self.per_process
 
 
-class SeededSampler(Sampler):
-    """Hands out (index, seed) pairs, the seed fixed by (run seed, epoch, rank, position in the epoch)."""
-
-    def __init__(self, sampler, seed, rank):
-        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-        self.sampler.set_epoch(epoch)
-
-    def __iter__(self):
-        for position, index in enumerate(self.sampler):
-            yield index, mix_seed(self.seed, self.epoch, self.rank, position)
-
-    def __len__(self):
-        return len(self.sampler)
-
-
-@dataclass
-class Failed:
-    """A sample whose augmentation (or any step but reading its file) raised: the run stops with `message`."""
-
-    message: str
+class Failed(Exception):
+    """A sample whose augmentation (or any step but reading its file) raised: handed on, not raised, so that
+    the main process stops the run with its message, not a worker with its traceback."""
 
 
 class Samples(Dataset):
-    """Item (index, seed) of a dataset -> its sample, drawn with torch's random numbers seeded by `seed` in a
-    fork of the generator: the augmentation depends on the seed alone (not on which worker loads it), and the
-    loading process's own random numbers (MixUp's, with --workers 0) are left as they were. An unreadable
-    image becomes None, with a warning naming the file; any other exception becomes Failed."""
+    """Item (index, seed) of a dataset -> its sample, augmented with torch's random numbers seeded by `seed`
+    alone, in a fork of the generator (whichever worker loads it; with --workers 0, MixUp's stay as they were).
+    An unreadable image becomes None, with a warning naming the file; any other exception becomes Failed."""
 
     def __init__(self, dataset):
         self.dataset = dataset
@@ -413,20 +383,15 @@ def collate_readable(samples):
 
 def build_loaders(args, train_set, val_set, world, rank, pin):
     """Training: shuffled, each process its share, every sample's augmentation seeded (exact resumption,
-    whatever the workers). Validation: image i goes to process i % world, so that every image is counted
-    exactly once (no padding with repeats), whatever the number of processes.
+    whatever the workers). Validation: image i goes to process i % world, each counted once, none padded in.
 
     A batch is (images, labels, the number of its unreadable images, skipped), images and labels None when
     none could be read; or the Failed sample that must stop the run (train.checked raises it)."""
-    if args.repeated_aug > 1:
-        sampler = RepeatedAugSampler(train_set, world, rank, args.repeated_aug, args.manualSeed)
-    else:
-        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=args.manualSeed)
+    sampler = TrainSampler(len(train_set), world, rank, args.repeated_aug, args.manualSeed)
     common = dict(num_workers=args.workers, pin_memory=pin, persistent_workers=args.workers > 0,
                   collate_fn=collate_readable)
     # drop_last: a short last batch (one image, at worst) would give BatchNorm a single value per channel
-    train = DataLoader(Samples(train_set), args.train_batch // world,
-                       sampler=SeededSampler(sampler, args.manualSeed, rank), drop_last=True, **common)
+    train = DataLoader(Samples(train_set), args.train_batch // world, sampler=sampler, drop_last=True, **common)
     if len(train) == 0 and not args.evaluate:
         raise UserError(f"the training set has {len(train.sampler)} images per process, fewer than one batch of "
                         f"{args.train_batch // world}: lower --train-batch")

@@ -1,22 +1,18 @@
 """Train and evaluate the models of noah.py: one process, or many under torchrun.
 
     python train.py                                          # quick run: NOAH ResNet18 on synthetic shapes, CPU ok
-    python train.py --dataset imagenette --data ./data --arch resnet18 --use_noah --epochs 20
     torchrun --nproc_per_node=8 train.py --preset noah_resnet18 --data ./datasets/ILSVRC2012
     torchrun --nproc_per_node=8 train.py --arch resnet18 --data ./datasets/ILSVRC2012 --use_noah \\
         --head_num 4 --key_ratio 0.5 --evaluate --resume ./checkpoints/noah_resnet18/model_best.pth.tar
 
-The flags are the original repository's (--arch --epochs --lr --wd --lr-decay --schedule --use_noah
---head_num --key_ratio --dropout --nowd-bn --train-batch --data --checkpoint --resume --evaluate ...), so its
-commands run unchanged with `torchrun ... train.py` in place of `python -m torch.distributed.launch ...
-main.py`. `--preset NAME` fills in a published recipe; flags given on the command line win over it.
-Under torchrun the script trains with DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); --train-batch
-is the global batch, split evenly over the processes.
+The flags are the original repository's, so its commands run unchanged with `torchrun ... train.py` in place of
+`python -m torch.distributed.launch ... main.py`; `--preset NAME` fills in a published recipe, and flags given on
+the command line win over it. --train-batch is the global batch, split evenly over the processes.
 
-Read `main` first: it runs the steps below in the order a run takes them; data.py makes the batches. A
-resumed run continues exactly: randomness is reseeded at every epoch from (--manualSeed, epoch, rank), the
-learning rate is a function of the epoch, and the checkpoint holds the weights, the optimizer, the grad
-scaler, the EMA weights and the arguments.
+Read `main` first: it runs the steps below in the order a run takes them; data.py makes the batches. A resumed
+run continues exactly: randomness is reseeded at every epoch from (--manualSeed, epoch, rank), the learning rate
+is a function of the epoch, and the checkpoint holds the weights, the optimizer, the grad scaler, the EMA
+weights and the arguments.
 """
 import argparse
 import collections
@@ -24,6 +20,7 @@ import contextlib
 import json
 import math
 import os
+import pathlib
 import random
 import re
 import shutil
@@ -44,9 +41,7 @@ import data
 import noah
 from data import UserError
 
-# ------------------------------------------------------------------------------------------------
-# 1. Recipes and the command line
-# ------------------------------------------------------------------------------------------------
+# --- 1. Recipes and the command line -------------------------------------------------------------------------------
 
 # The original repository's recipes (its README's commands), one per family of noah.MODELS.
 RESNET = dict(epochs=100, lr=0.1, wd=1e-4, lr_decay="schedule", schedule=[30, 60, 90], dropout=0.1)
@@ -77,10 +72,6 @@ def recipe_for(name):
         raise ValueError(f"model {name} belongs to the family {family!r}, which has no training recipe: "
                          f"add one to train.RECIPES (known: {', '.join(RECIPES)})")
     return RECIPES[family]
-
-
-def recipe_family(preset):
-    return noah.MODELS[PRESETS[preset]["arch"]].family
 
 
 def make_presets():
@@ -138,19 +129,16 @@ def get_parser():
         help="default: imagenet when --data is given, else the quick run's shapes")
     add("-j", "--workers", type=bounded(int, ">= 0"), default=4, help="data loading processes per GPU/process")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
-    add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, then "
-        "centre crop (default: the model's, as the original evaluated it)")
+    add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
-    add("--train-interpolation", choices=["bilinear", "bicubic", "random"],
-        help="training crops' resizing; random: one of the two per image (default: --interpolation)")
+    add("--train-interpolation", choices=["bilinear", "bicubic", "random"], help="training crops' resizing")
     add("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=("LOW", "HIGH"),
         help="aspect ratios of the random training crops")
-    add("--normalize", choices=list(noah.MEAN_STD), help="input mean and std: ImageNet's, or 0.5 and 0.5 "
-        "(default: the model's; the MLP models use 0.5)")
+    add("--normalize", choices=list(noah.MEAN_STD), help="input mean and std (default: the model's)")
     add("--train-size", type=bounded(int, ">= 1"), default=2000, help="images per epoch of shapes / fake")
     add("--val-size", type=bounded(int, ">= 1"), default=500, help="validation images of shapes / fake")
-    add("--max-unreadable", type=bounded(float, "in [0, 1]"), default=0.01, help="unreadable images are skipped "
-        "with a warning; the run stops when more than this share of an epoch's (or half a batch's) cannot be read")
+    add("--max-unreadable", type=bounded(float, "in [0, 1]"), default=0.01, help="the share of an epoch's images "
+        "that may be unreadable (skipped with a warning; never more than half a batch)")
     # model
     add("-a", "--arch", default="resnet18", choices=noah.list_models(), metavar="ARCH",
         help="one of: " + ", ".join(noah.list_models()))
@@ -158,8 +146,7 @@ def get_parser():
     add("--head_num", type=bounded(int, ">= 1"), help="NOAH heads N (default: the paper's for --arch)")
     add("--key_ratio", type=bounded(float, "in (0, 1]"), help="NOAH key ratio r (default: the paper's for --arch)")
     add("--dropout", type=bounded(float, "in [0, 1)"), default=0.0, help="NOAH's dropout on values")
-    add("--head-init", choices=noah.NOAH.INITS, default="scaled", help="NOAH's projections: the original's scale "
-        "at 1000 classes for any class count, the original's, ... (see noah.NOAH)")
+    add("--head-init", choices=noah.NOAH.INITS, default="scaled", help="NOAH's projections (see noah.NOAH)")
     add("--drop-path", type=bounded(float, "in [0, 1)"), default=0.0, help="stochastic depth (ViT and MLP backbones)")
     add("--drop", type=bounded(float, "in [0, 1)"), default=0.0, help="dropout inside ViT and MLP blocks")
     # optimization
@@ -176,18 +163,16 @@ def get_parser():
     add("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
     add("--gamma", type=bounded(float, "> 0"), default=0.1, help="'schedule' multiplies the lr by this")
     add("--warmup-epochs", type=bounded(int, ">= 0"), default=0, help="linear warmup from --warmup-lr")
-    add("--lr-step-lag", type=int, default=0, help="epoch e trains at the schedule's value for epoch e - lag: "
-        "DeiT and PVT step their scheduler after each epoch with that epoch's number (lag 1)")
+    add("--lr-step-lag", type=bounded(int, ">= 0"), default=0, help="epoch e trains at the lr of epoch e - lag")
     add("--warmup-lr", type=bounded(float, ">= 0"), default=1e-6)
     add("--min-lr", type=bounded(float, ">= 0"), default=0.0, help="where 'cos' ends")
     add("--clip-grad", type=bounded(float, "> 0"), help="clip the gradient norm to this")
     add("--smoothing", type=bounded(float, "in [0, 1)"), default=0.0, help="label smoothing")
     add("--mixup", type=bounded(float, ">= 0"), default=0.0, help="MixUp alpha (0: off)")
-    add("--cutmix", type=bounded(float, ">= 0"), default=0.0, help="CutMix alpha (0: off); with MixUp, one of the "
-        "two per batch")
+    add("--cutmix", type=bounded(float, ">= 0"), default=0.0, help="CutMix alpha (0: off); with MixUp, one per batch")
     add("--randaug", type=bounded(int, "in [0, 10]"), default=0, help="timm's RandAugment: magnitude (0: off)")
     add("--randaug-n", type=bounded(int, ">= 0"), default=2, help="RandAugment operations per image")
-    add("--randaug-mstd", type=float, default=0.0, help="RandAugment: std of the magnitude's noise")
+    add("--randaug-mstd", type=bounded(float, ">= 0"), default=0.0, help="RandAugment: std of the magnitude's noise")
     add("--reprob", type=bounded(float, "in [0, 1]"), default=0.0, help="RandomErasing probability")
     add("--repeated-aug", type=bounded(int, ">= 1"), default=1, help="DeiT's repeated augmentation: copies per image")
     add("--model-ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights")
@@ -198,18 +183,14 @@ def get_parser():
     add("--channels-last", action="store_true")
     add("--compile", action="store_true", help="torch.compile the model")
     # checkpoints and evaluation
-    add("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (torchvision's, the original "
-        "repository's or this project's); its head too where it fits")
+    add("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (and head, where it fits)")
     add("--backbone-lr-scale", type=bounded(float, ">= 0"), default=1.0, help="the backbone's lr / the head's")
-    add("-c", "--checkpoint", default="checkpoints", help="folder for checkpoints, log and curves (with --resume: "
-        "the resumed file's folder, unless given: then the run forks into it)")
-    add("--resume", default="", help="checkpoint to continue from (or to evaluate); a train.py checkpoint brings "
-        "back its run's flags, those given on the command line win")
+    add("-c", "--checkpoint", default="checkpoints", help="folder of the run (with --resume: the file's, unless given)")
+    add("--resume", default="", help="checkpoint to continue (with its run's flags) or to evaluate")
     add("-e", "--evaluate", action="store_true", help="only evaluate --resume on the validation set")
     add("--ema", action="store_true", help="--evaluate / --show-pocas: the EMA weights of --resume (--model-ema)")
     add("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
-    add("--show-pocas", nargs="+", metavar="IMAGE", help="draw where --resume's model finds its top classes (POCAs "
-        "and class evidence with NOAH, the class activation map without) on these images, into --checkpoint")
+    add("--show-pocas", nargs="+", metavar="IMAGE", help="draw where --resume's model finds its top classes")
     add("--top-k", type=bounded(int, ">= 1"), default=3, help="--show-pocas: the classes to draw per image")
     return p
 
@@ -247,7 +228,8 @@ def parse_args(argv=None):
 
 def scales_lr_with_batch(preset, given):
     """DeiT's and PVT's recipes set the lr from the global batch: when --train-batch is given without --lr."""
-    return bool(preset) and recipe_family(preset) in ("deit", "pvt") and "train_batch" in given and "lr" not in given
+    family = noah.MODELS[PRESETS[preset]["arch"]].family if preset else None
+    return family in ("deit", "pvt") and "train_batch" in given and "lr" not in given
 
 
 def explicit_flags(argv):
@@ -289,9 +271,7 @@ def restore_arguments(args, argv, checkpoint):
     return overrides
 
 
-# ------------------------------------------------------------------------------------------------
-# 2. Processes and the model
-# ------------------------------------------------------------------------------------------------
+# --- 2. Processes and the model ------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -302,7 +282,6 @@ class Processes:
     distributed: bool
     world: int
     rank: int
-    local_rank: int
     device: torch.device
     amp_dtype: torch.dtype = None
 
@@ -333,10 +312,9 @@ def processes(args):
     flags (and so the checkpoints) keep what the user asked for."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world, rank = (int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])) if distributed else (1, 0)
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cpu")
     if torch.cuda.is_available():  # modulo: a scheduler may show each process only its own GPU
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if args.train_batch % world and not (args.evaluate or args.show_pocas):
@@ -344,8 +322,7 @@ def processes(args):
                         f"{world} processes; use a multiple of {world}")
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    procs = Processes(distributed, world, rank, local_rank, device, getattr(torch, args.amp_dtype) if args.use_amp
-                      else None)
+    procs = Processes(distributed, world, rank, device, getattr(torch, args.amp_dtype) if args.use_amp else None)
     if procs.amp_dtype == torch.float16 and device.type == "cpu" and os.environ.get(FLOAT16_ON_CPU) != "1":
         procs.amp_dtype = None  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
         procs.print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
@@ -390,9 +367,8 @@ def build_model(args, num_classes, checkpoint, procs):
                                   representation_size=pre_logits)
     except ValueError as e:
         raise UserError(str(e)) from None
-    config = dict(arch=args.arch, use_noah=args.use_noah, head_num=None, key_ratio=None)
-    if args.use_noah:
-        config.update(head_num=model.head.head_num, key_ratio=args.key_ratio or noah.MODELS[args.arch].key_ratio)
+    config = dict(arch=args.arch, use_noah=args.use_noah, head_num=model.head.head_num if args.use_noah else None,
+                  key_ratio=(args.key_ratio or noah.MODELS[args.arch].key_ratio) if args.use_noah else None)
     if args.pretrained_backbone:
         try:
             head_loaded = noah.load_backbone(model, args.pretrained_backbone)
@@ -452,9 +428,7 @@ def wrap_model(model, args, procs):
     return net
 
 
-# ------------------------------------------------------------------------------------------------
-# 3. The optimizer and the schedule
-# ------------------------------------------------------------------------------------------------
+# --- 3. The optimizer and the schedule -----------------------------------------------------------------------------
 
 
 def epoch_lr(args, epoch):
@@ -494,21 +468,15 @@ def build_optimizer(model, args, procs):
     `param_groups`), the grad scaler of float16 autocast (disabled in other precisions), and the EMA of the
     weights (or None)."""
     groups = param_groups(model, args.wd, args.nowd_bn, args.backbone_lr_scale)
-    if args.opt == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps)
+    optimizer = (torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum) if args.opt == "sgd" else
+                 torch.optim.AdamW(groups, lr=args.lr, eps=args.opt_eps))
     scaler = torch.amp.GradScaler(procs.device.type, enabled=procs.amp_dtype == torch.float16)
-    ema = None
-    if args.model_ema:
-        average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay)
-        ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True)
+    average = torch.optim.swa_utils.get_ema_multi_avg_fn(args.ema_decay)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=average, use_buffers=True) if args.model_ema else None
     return optimizer, scaler, ema
 
 
-# ------------------------------------------------------------------------------------------------
-# 4. Checkpoints, the log and figures
-# ------------------------------------------------------------------------------------------------
+# --- 4. Checkpoints, the log and figures ---------------------------------------------------------------------------
 
 
 def read_checkpoint_file(path):
@@ -545,12 +513,12 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     return start_epoch, float(checkpoint["best_acc"]), log
 
 
-def save_atomically(state, path):
-    """Write to a temporary file beside `path`, then rename: `path` is always a whole file, the old one or
-    the new. A failed write removes its partial file and says why, in words (a full disk, a permission)."""
+def save_atomically(write, path):
+    """write(tmp) to a temporary file beside `path`, then rename it: `path` is always a whole file, the old one
+    or the new. A failed write removes its partial file and says why, in words (a full disk, a permission)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(state, tmp)
+        write(tmp)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 20
@@ -566,10 +534,9 @@ def save_checkpoint(state, is_best, folder):
     kept = f"the last good checkpoint, epoch {state['epoch'] - 1}, is kept" if os.path.exists(last) else \
         "no checkpoint was written"
     try:
-        save_atomically(state, last)
-        kept = f"{last} holds epoch {state['epoch']}"
-        if is_best:
-            save_atomically(state, os.path.join(folder, "model_best.pth.tar"))
+        for path in [last] + [os.path.join(folder, "model_best.pth.tar")] * is_best:
+            save_atomically(lambda tmp: torch.save(state, tmp), path)
+            kept = f"{last} holds epoch {state['epoch']}"
     except UserError as e:
         raise UserError(f"{e}; {kept}") from None
 
@@ -585,7 +552,7 @@ def prepare_folder(folder):
     except OSError as e:
         raise UserError(f"cannot write into {folder} (--checkpoint): {e.strerror}") from None
     for name in os.listdir(folder):
-        if re.fullmatch(r"(checkpoint|model_best)\.pth\.tar\.tmp\d+|log\.jsonl\.tmp", name):
+        if re.fullmatch(r"(checkpoint\.pth\.tar|model_best\.pth\.tar|log\.jsonl)\.tmp\d+", name):
             os.remove(os.path.join(folder, name))
 
 
@@ -593,15 +560,9 @@ def log_epoch(log, record, folder, epochs):
     """Add the epoch's record to log.jsonl (rewritten whole, so that a resumed run drops the epochs it
     redoes) and curves.png, and print it."""
     log.append(record)
-    path = os.path.join(folder, "log.jsonl")
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in log)
-        os.replace(path + ".tmp", path)
-        plot_curves(log, os.path.join(folder, "curves.png"))
-    except OSError as e:
-        raise UserError(f"could not write the log in {folder}: {e.strerror}; the checkpoint of epoch "
-                        f"{record['epoch']} is saved") from None
+    lines = "".join(json.dumps(r) + "\n" for r in log)
+    save_atomically(lambda tmp: pathlib.Path(tmp).write_text(lines), os.path.join(folder, "log.jsonl"))
+    save_atomically(lambda tmp: plot_curves(log, tmp), os.path.join(folder, "curves.png"))
     skipped = record["unreadable_train_images"]
     print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
           f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
@@ -622,7 +583,7 @@ def plot_curves(log, path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
 
 
 def write_figures(model, args, classes, device):
@@ -653,9 +614,7 @@ def write_figures(model, args, classes, device):
     return paths
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. The run: one epoch of training, evaluation, and main
-# ------------------------------------------------------------------------------------------------
+# --- 5. The run: one epoch of training, evaluation, and main -------------------------------------------------------
 
 
 def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs):
@@ -718,7 +677,7 @@ def checked(batch):
     """A batch (images, labels, unreadable count; see data.build_loaders), or the run stopped in one line when
     one of its samples failed."""
     if isinstance(batch, data.Failed):
-        raise UserError(batch.message)
+        raise UserError(str(batch))
     return batch
 
 
