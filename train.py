@@ -181,6 +181,7 @@ def get_parser():
     add("--use_amp", action="store_true", help="automatic mixed precision")
     add("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
     add("--channels-last", action="store_true")
+    add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="CUDA: float32 in TF32 (matmuls, convs)")
     add("--compile", action="store_true", help="torch.compile the model")
     # checkpoints and evaluation
     add("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (and head, where it fits)")
@@ -276,14 +277,18 @@ def restore_arguments(args, argv, checkpoint):
 
 @dataclass
 class Processes:
-    """Who this process is: the only one, or one of `world` under torchrun, with its device and the precision
-    it computes in: `amp_dtype` is None (float32) or the dtype of its autocast."""
+    """Who this process is: the only one, or one of `world` under torchrun, with its device and how it computes:
+    `amp_dtype` is None (float32, in TF32 where `tf32`) or the dtype of its autocast; `memory_format` is the layout
+    of the model's images. Counts are summed over the processes in `host_group` (None: the default group)."""
 
     distributed: bool
     world: int
     rank: int
     device: torch.device
     amp_dtype: torch.dtype = None
+    tf32: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format
+    host_group: object = None
 
     @property
     def is_main(self):
@@ -299,7 +304,8 @@ class Processes:
     @property
     def precision(self):
         scaler = " with a grad scaler" * (self.amp_dtype == torch.float16)
-        return f"{str(self.amp_dtype)[6:]} autocast{scaler}" if self.amp_dtype else "float32"
+        tf32 = " (TF32 matrix products and convolutions)" * self.tf32
+        return f"{str(self.amp_dtype)[6:]} autocast{scaler}" if self.amp_dtype else f"float32{tf32}"
 
 
 FLOAT16_ON_CPU = "NOAH_FLOAT16_ON_CPU"  # =1: float16 autocast on a CPU as on a GPU (slow; tests the GPU's path)
@@ -317,12 +323,18 @@ def processes(args):
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
+        # PyTorch of the original's day ran float32 matmuls in TF32 on Ampere and later; today's, convolutions only
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     if args.train_batch % world and not (args.evaluate or args.show_pocas):
         raise UserError(f"--train-batch {args.train_batch} is the global batch and must split evenly over "
                         f"{world} processes; use a multiple of {world}")
+    host_group = None
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    procs = Processes(distributed, world, rank, device, getattr(torch, args.amp_dtype) if args.use_amp else None)
+        host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # counts: no wait for the GPU
+    procs = Processes(distributed, world, rank, device, getattr(torch, args.amp_dtype) if args.use_amp else None,
+                      args.tf32 and device.type == "cuda", torch.channels_last if args.channels_last else
+                      torch.contiguous_format, host_group)
     if procs.amp_dtype == torch.float16 and device.type == "cpu" and os.environ.get(FLOAT16_ON_CPU) != "1":
         procs.amp_dtype = None  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
         procs.print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
@@ -616,9 +628,12 @@ def write_figures(model, args, classes, device):
 
 # --- 5. The run: one epoch of training, evaluation, and main -------------------------------------------------------
 
+LOOK_EVERY = 20  # steps between two reads of the training loss from the device: the NaN check, the progress bar
+
 
 def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, epoch, args, procs):
-    """One pass over the training set at the epoch's learning rate -> the epoch's training figures."""
+    """One pass over the training set at the epoch's learning rate -> the epoch's training figures. A step is one
+    all-reduce of host numbers; every LOOK_EVERY steps it reads the loss from the device (a NaN stops all)."""
     loader.sampler.set_epoch(epoch)
     batches = iter(loader)  # starting the loader draws random numbers, so reseed after it
     reseed(args.manualSeed, epoch, procs.rank)
@@ -626,26 +641,30 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     net.train()
-    started, seen, loss_sum, hits, unreadable = time.time(), 0, 0.0, 0, 0
-    epoch_images = len(loader) * loader.batch_size * procs.world
-    bar = tqdm(batches, total=len(loader), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+    started, seen, unreadable, looked = time.time(), 0, 0, 0  # seen: all processes' images; looked: steps checked
+    sums = torch.zeros(2, dtype=torch.float64, device=procs.device)  # loss x images, top-1 hits (moot with MixUp)
+    epoch_images, steps = len(loader) * loader.batch_size * procs.world, len(loader)
+    bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
                disable=None if procs.is_main else True)  # None: only on a terminal, not in logs or notebooks
     for step, batch in enumerate(bar):
         images, labels, skipped = checked(batch)
-        unreadable = count_unreadable(images, skipped, unreadable, epoch_images, args, procs)
+        look = step - looked == LOOK_EVERY  # then read the loss so far: the step's one wait for the device
+        shared = [skipped, 0 if images is None else len(images), images is None, sums[0].item() if look else 0.0]
+        skipped, readable, empty, loss_sum = sum_over_processes(shared, procs)
+        unreadable = count_unreadable(skipped, skipped + readable, empty, unreadable, epoch_images, args)
+        if look:
+            stop_if_not_finite(loss_sum, f"loss at epoch {epoch + 1}, steps {looked + 1} to {step} of {steps}", args)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.3g}")
+            looked = step
+        seen += readable
         images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
-        if args.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
         targets = labels
         if mixup_cutmix is not None:
             images, targets = mixup_cutmix(images, labels)  # soft targets
+        images = images.contiguous(memory_format=procs.memory_format)  # after MixUp: on a GPU its roll drops it
         with procs.autocast():
             logits = net(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
-        # averaged over the processes at every step, not just for the log: all must see the same value to stop
-        # together on a NaN, rather than some waiting forever for the others in the next all-reduce
-        global_loss = sum_over_processes(loss.detach().reshape(1), procs)[0] / procs.world
-        stop_if_not_finite(global_loss, f"loss at epoch {epoch + 1}, step {step + 1} of {len(loader)}", args)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if args.clip_grad:
@@ -655,15 +674,12 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         scaler.update()
         if ema is not None:
             ema.update_parameters(model)
-        seen, loss_sum = seen + len(images), loss_sum + global_loss * len(images)
-        if mixup_cutmix is None:
-            hits += (logits.argmax(dim=1) == labels).sum().item()
-        bar.set_postfix(loss=f"{global_loss:.3f}", lr=f"{lr:.3g}")
-    seconds = time.time() - started
-    loss_sum, hits, seen = sum_over_processes([loss_sum, hits, seen], procs)
+        sums += torch.stack([loss.detach() * len(images), (logits.argmax(dim=1) == labels).sum()])
+    loss_sum, hits = sum_over_processes(sums.tolist(), procs)
+    stop_if_not_finite(loss_sum, f"loss at epoch {epoch + 1}, steps {looked + 1} to {steps} of {steps}", args)
+    seconds = time.time() - started  # train top-1: on augmented images, in train mode
     return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
-                images_per_s=seen / seconds, seconds=seconds,  # train top-1: on augmented images, in train mode
-                unreadable_train_images=int(unreadable))
+                images_per_s=seen / seconds, seconds=seconds, unreadable_train_images=int(unreadable))
 
 
 def reseed(seed, epoch, rank):
@@ -681,12 +697,10 @@ def checked(batch):
     return batch
 
 
-def count_unreadable(images, skipped, so_far, epoch_images, args, procs):
-    """The unreadable training images of the epoch so far, this batch's added (over all processes, so that
+def count_unreadable(skipped, batch, empty, so_far, epoch_images, args):
+    """The unreadable training images of the epoch so far, this batch's added (counts of all processes, so that
     all decide alike). Stops the run when more than half of a batch, a whole batch on one process, or more
     than --max-unreadable of the epoch's images could not be read: then the data needs looking at."""
-    readable = 0 if images is None else len(images)
-    skipped, batch, empty = sum_over_processes([skipped, skipped + readable, images is None], procs)
     if 2 * skipped > batch or empty:
         raise UserError(f"{skipped:.0f} of the {batch:.0f} images of a training batch are unreadable: more than half "
                         f"of a batch; the files are named above")
@@ -697,10 +711,12 @@ def count_unreadable(images, skipped, so_far, epoch_images, args, procs):
 
 
 def sum_over_processes(numbers, procs):
-    """Sums of a few numbers (a list or a tensor) over all processes, in float64: counts of images stay exact."""
-    totals = torch.as_tensor(numbers, dtype=torch.float64, device=procs.device)
-    if procs.distributed:
-        dist.all_reduce(totals)
+    """Sums of a few host numbers over all processes, in float64 (counts of images stay exact), on the host: a
+    GPU's queue of work goes on meanwhile."""
+    if not procs.distributed:
+        return [float(n) for n in numbers]
+    totals = torch.tensor(numbers, dtype=torch.float64)
+    dist.all_reduce(totals, group=procs.host_group)
     return totals.tolist()
 
 
@@ -716,22 +732,23 @@ def evaluate(net, loader, procs, progress=True):
     """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once (the
     unreadable ones are skipped and counted apart)."""
     net.eval()
-    totals = torch.zeros(4, dtype=torch.float64, device=procs.device)  # loss sum, top-1 hits, top-5 hits, images
-    unreadable = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=procs.device)  # loss sum, top-1 hits, top-5 hits
+    images_seen, unreadable = 0, 0
     with torch.no_grad():
         disable = None if progress and procs.is_main else True  # None: only on a terminal
         for batch in tqdm(loader, desc="  eval", leave=False, disable=disable):
             images, targets, skipped = checked(batch)
-            unreadable += skipped
+            unreadable, images_seen = unreadable + skipped, images_seen + (0 if images is None else len(images))
             if images is None:
                 continue
-            images, targets = images.to(procs.device, non_blocking=True), targets.to(procs.device, non_blocking=True)
+            images = images.to(procs.device, non_blocking=True, memory_format=procs.memory_format)
+            targets = targets.to(procs.device, non_blocking=True)
             with procs.autocast():
                 logits = net(images)
             top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices == targets[:, None]
             totals += torch.stack([F.cross_entropy(logits.float(), targets, reduction="sum"), top5[:, 0].sum(),
-                                   top5.any(dim=1).sum(), torch.tensor(len(targets), device=procs.device)]).double()
-    loss, top1, top5, n, unreadable = sum_over_processes([*totals.tolist(), unreadable], procs)
+                                   top5.any(dim=1).sum()]).double()
+    loss, top1, top5, n, unreadable = sum_over_processes([*totals.tolist(), images_seen, unreadable], procs)
     if n == 0:
         raise UserError(f"none of the {unreadable:.0f} validation images could be read (each is named above)")
     return dict(loss=loss / n, top1=100 * top1 / n, top5=100 * top5 / n, images=int(n), unreadable=int(unreadable))
