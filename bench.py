@@ -1,20 +1,24 @@
 """What NOAH costs, and whether this project's code is fast. A benchmark, not a test.
 
     python bench.py --device cpu --quick              # a few minutes on 2 CPU cores
-    python bench.py --device cuda --json bench.json   # every CNN; bf16, channels_last, torch.compile variants
+    python bench.py --device cuda --json bench.json   # every CNN, DeiT-S, Mixer-S; float32 (TF32), then bf16 +
+                                                      # channels_last, then the same under torch.compile
+    python bench.py --summarize run1.json run2.json run3.json   # one figure from several runs: median [range]
 
 Five sections, each row timed as the median over repeated runs after warm-up, with the spread (25th to
-75th percentile), the device, dtype, batch and image size. What is compared is timed in alternation, and
-a ratio is the median of the ratios within each round:
-  1. head overhead: a training step (forward, backward, SGD step) and inference of each CNN with NOAH
-     against the same CNN with GAP + FC, and their ratio, beside the
-     ratio of their FLOPs (what the head's extra work must cost at least);
+75th percentile), the device, precision, batch and image size, and for compiled rows the graphs Dynamo
+compiled (Dynamo is reset before each row). What is compared is timed in alternation, and a ratio is the
+median of the ratios within each round:
+  1. head overhead: a training step (forward, backward, SGD step) and inference of each model with NOAH
+     against the same model with its standard head, and their ratio, beside the ratio of their FLOPs (what
+     the head's extra work must cost at least);
   2. head implementation: noah.NOAH against the same computation written as the original writes it
      (grouped 1x1 convolutions over a (B, C, 1, L) map), forward + backward, at ImageNet shapes;
-  3. backbones: each backbone of noah.py against torchvision's model of the same architecture, training step;
+  3. backbones: each CNN of noah.py against torchvision's model of the same architecture, training step;
   4. memory: a training step's peak memory (GPU) or the tensors it saves for backward (CPU), NOAH vs GAP + FC;
   5. data: the images per second train.py's loader delivers from a folder of JPEGs, per number of workers,
-     against the speed at which the model trains, so that the slower of the two is clear.
+     over many batches after warm-up, against the speed at which the model trains: the slower one limits.
+One run is not a figure on a shared machine: run a command three times with --json and --summarize them.
 """
 import argparse
 import contextlib
@@ -29,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from einops import rearrange
+from torch._dynamo.utils import counters as dynamo_counters  # Dynamo's own tally of the graphs it compiled
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
@@ -80,14 +85,31 @@ def row(section, name, setting, times, against, against_times, ratio, ratio_is, 
 
 
 class Variant:
-    """A way to run a model: device, dtype (autocast), memory format, torch.compile."""
+    """A way to run a model: device, dtype (autocast), memory format, torch.compile. On CUDA, float32 runs in
+    TF32 (matrix products and convolutions alike), as train.py does by default."""
 
     def __init__(self, device, dtype="float32", channels_last=False, compile=False):
         self.device, self.dtype, self.channels_last, self.compile = device, dtype, channels_last, compile
 
+    def precision(self):
+        if self.dtype != "float32":
+            return f"{self.dtype} autocast"
+        return "float32 (TF32)" if self.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else "float32"
+
     def setting(self, batch, img_size):
-        return dict(device=describe_device(self.device), dtype=self.dtype, channels_last=self.channels_last,
-                    compile=self.compile, batch=batch, img_size=img_size)
+        return dict(device=describe_device(self.device), dtype=self.dtype, precision=self.precision(),
+                    channels_last=self.channels_last, compile=self.compile, batch=batch, img_size=img_size)
+
+    def fresh(self):
+        """Before a row's steps are built: Dynamo forgets what it compiled for the rows before (every noah.py
+        model runs the same forward code, and past its recompile limit Dynamo would run it eager)."""
+        if self.compile:
+            torch.compiler.reset()
+            dynamo_counters.clear()
+
+    def graphs(self):
+        """The graphs Dynamo compiled since `fresh` (None when not compiling): 0 would mean eager."""
+        return dynamo_counters["stats"]["unique_graphs"] if self.compile else None
 
     def autocast(self):
         if self.dtype == "float32":
@@ -147,11 +169,13 @@ def head_overhead(models, variant, batch, img_size, repeats, warmup):
         with_noah, with_gap = noah.create_model(name), noah.create_model(name, head="gap")
         flop_ratio = forward_flops(with_noah, img_size) / forward_flops(with_gap, img_size)
         for kind, make in (("train step", variant.train_step), ("inference", variant.inference)):
+            variant.fresh()
             timed = interleaved([make(with_noah, batch, img_size), make(with_gap, batch, img_size)], repeats, warmup,
                                 variant.device)
             setting = variant.setting(batch, img_size)
             rows.append(row("1. head overhead", f"{name} {kind}", setting, timed[0], "GAP", timed[1],
-                            paired_ratio(*timed), "NOAH time / GAP + FC time", flop_ratio=flop_ratio))
+                            paired_ratio(*timed), "NOAH time / GAP + FC time", flop_ratio=flop_ratio,
+                            graphs=variant.graphs()))
     return rows
 
 
@@ -193,10 +217,12 @@ def head_implementation(variant, batch, repeats, warmup):
                     out = run(x)
                 out.float().sum().backward()
             return step
+        variant.fresh()
         timed = interleaved([forward_backward(head), forward_backward(grouped)], repeats, warmup, variant.device)
         what = f"{label}: {channels}x7x7, N={heads}, 1000 classes, forward + backward"
         rows.append(row("2. head implementation", what, variant.setting(batch, 7), timed[0], "grouped conv", timed[1],
-                        paired_ratio(timed[1], timed[0]), "grouped-conv time / noah.NOAH time (>1: ours faster)"))
+                        paired_ratio(timed[1], timed[0]), "grouped-conv time / noah.NOAH time (>1: ours faster)",
+                        graphs=variant.graphs()))
     return rows
 
 
@@ -211,11 +237,12 @@ def backbones(models, variant, batch, img_size, repeats, warmup):
     for name in tqdm([m for m in models if m in TORCHVISION], desc="3. backbones", leave=False):
         torch.manual_seed(0)
         ours, theirs = noah.create_model(name, head="gap"), TORCHVISION[name]()
+        variant.fresh()
         timed = interleaved([variant.train_step(ours, batch, img_size), variant.train_step(theirs, batch, img_size)],
                             repeats, warmup, variant.device)
         rows.append(row("3. backbones", f"{name} train step (GAP + FC head)", variant.setting(batch, img_size),
                         timed[0], "torchvision", timed[1], paired_ratio(timed[1], timed[0]),
-                        "torchvision time / noah.py time (>= 1: ours as fast)"))
+                        "torchvision time / noah.py time (>= 1: ours as fast)", graphs=variant.graphs()))
     return rows
 
 
@@ -242,6 +269,7 @@ def memory(models, variant, batch, img_size):
         measured = {}
         for head in ("noah", "gap"):
             torch.manual_seed(0)
+            variant.fresh()
             model = noah.create_model(name, head=head).train()
             if variant.device.type == "cuda":
                 step = variant.train_step(model, batch, img_size)
@@ -273,12 +301,13 @@ def write_jpegs(folder, count, size=(500, 375)):
             os.path.join(folder, "train", f"class{i % 2}", f"{i}.jpg"), quality=90)
 
 
-def data_pipeline(worker_counts, variant, batch, img_size, images, model, training_images_per_s):
+def data_pipeline(worker_counts, variant, batch, img_size, model, training_images_per_s):
     """Images per second from train.py's training loader, per number of workers, beside the training speed of
-    `model`: whichever is lower limits training."""
-    rows = []
+    `model` (whichever is lower limits training): timed over many batches, after a batch from each worker (the
+    workers' first batches are made in parallel with nothing to wait for, and would inflate the rate)."""
+    rows, timed = [], max(20, 4 * max(worker_counts))
     with tempfile.TemporaryDirectory() as folder:
-        write_jpegs(folder, images)
+        write_jpegs(folder, batch * (max(worker_counts) + 1 + timed))
         os.makedirs(os.path.join(folder, "val"))
         for workers in tqdm(worker_counts, desc="5. data", leave=False):
             args = train.parse_args(["--data", folder, "--img-size", str(img_size), "--workers", str(workers),
@@ -287,23 +316,24 @@ def data_pipeline(worker_counts, variant, batch, img_size, images, model, traini
                 args, train=True), loader=data.read_image)
             loader, _ = data.build_loaders(args, train_set, train_set, 1, 0, pin=variant.device.type == "cuda")
             batches = iter(loader)
-            next(batches)  # the workers have started: time the steady flow from here
-            started, seen = time.perf_counter(), 0
-            for batch_images, _, _ in batches:  # images, labels, unreadable images skipped
-                seen += len(batch_images)
+            for _ in range(workers + 1):
+                next(batches)
+            started = time.perf_counter()
+            seen = sum(len(next(batches)[0]) for _ in range(timed))  # batches: images, labels, unreadable images
             elapsed = time.perf_counter() - started
-            rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, JPEGs 500x375 -> "
-                             f"{img_size} (random resized crop, flip)", **variant.setting(batch, img_size),
+            rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, {timed} batches of JPEGs "
+                             f"500x375 -> {img_size} (crop, flip)", **variant.setting(batch, img_size),
                              images_per_s=seen / elapsed, model=model, model_images_per_s=training_images_per_s,
                              limit="data" if seen / elapsed < training_images_per_s else "model"))
     return rows
 
 
 def print_table(rows):
-    print(f"\n{'section':24s} {'what':72s} {'setting':44s} {'median ms':>10s} {'p25-p75 ms':>15s}  result")
+    print(f"\n{'section':24s} {'what':72s} {'setting':56s} {'median ms':>10s} {'p25-p75 ms':>15s}  result")
     for r in rows:
-        setting = f"{r['device']}, {r['dtype']}{', channels_last' if r['channels_last'] else ''}" \
-                  f"{', compiled' if r['compile'] else ''}, batch {r['batch']}, {r['img_size']}px"
+        compiled = f", compiled ({r['graphs']} graphs)" if r.get("graphs") is not None else ""
+        setting = f"{r['device']}, {r['precision']}{', channels_last' if r['channels_last'] else ''}" \
+                  f"{compiled}, batch {r['batch']}, {r['img_size']}px"
         if r["section"] == "4. memory":
             timing = f"{'':>10s} {'':>15s}"
             result = f"NOAH {r['noah_mb']:.0f} MB, GAP {r['gap_mb']:.0f} MB: x{r['ratio']:.3f}"
@@ -316,7 +346,21 @@ def print_table(rows):
             result = f"{r['against']} {r['against_ms']:.2f} ms; ratio {r['ratio']:.3f} ({r['ratio_is']})"
             if "flop_ratio" in r:
                 result += f"; FLOPs x{r['flop_ratio']:.3f}"
-        print(f"{r['section']:24s} {r['name'][:72]:72s} {setting[:44]:44s} {timing}  {result}")
+        print(f"{r['section']:24s} {r['name'][:72]:72s} {setting[:56]:56s} {timing}  {result}")
+
+
+def summarize(paths):
+    """One figure from several runs of the same command (--json files): per row, the median over the runs of
+    its median time and of its result, with the lowest and highest run beside it."""
+    runs = [json.load(open(path)) for path in paths]
+    print(f"{len(runs)} runs like `{runs[0]['command']}`, torch {runs[0]['torch']}: median [lowest, highest]")
+    for rows in zip(*(run["rows"] for run in runs)):
+        first, figures = rows[0], []
+        for key in ("median_ms", "ratio", "images_per_s"):
+            values = [r[key] for r in rows if r.get(key) is not None]
+            if values:
+                figures.append(f"{key} {statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]")
+        print(f"{first['section']:24s} {first['name'][:72]:72s} {first['precision']}: {'; '.join(figures)}")
 
 
 def main():
@@ -326,20 +370,27 @@ def main():
     parser.add_argument("--batch", type=int, help="default: 8 on CPU, 128 on GPU")
     parser.add_argument("--img-size", type=int, default=224)
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (default: 7 quick, 20 full)")
-    parser.add_argument("--models", nargs="+", choices=CNNS, metavar="NAME",
-                        help="CNNs of sections 1, 3 and 4 (default: four with --quick, else all)")
+    parser.add_argument("--models", nargs="+", choices=noah.list_models(), metavar="NAME",
+                        help="models of sections 1, 3 (CNNs) and 4 (default: four CNNs with --quick, else all CNNs, "
+                        "DeiT-S and Mixer-S)")
+    parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
+                        help="CUDA: float32 matrix products and convolutions in TF32, as train.py by default")
     parser.add_argument("--json", help="also write the rows to this JSON file")
+    parser.add_argument("--summarize", nargs="+", metavar="JSON", help="only summarize runs written with --json")
     args = parser.parse_args()
+    if args.summarize:
+        return summarize(args.summarize)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible to PyTorch here")
     batch = args.batch or (8 if device.type == "cpu" else 128)
     repeats, warmup = args.repeats or (7 if args.quick else 20), 2 if args.quick else 5
     models = args.models or (["resnet18", "resnet50", "mobilenetv2_100", "shufflenetv2_100"] if args.quick
-                             else CNNS)
+                             else CNNS + ["deit_small_patch16_224", "mixer_s16_224"])
     variants = [Variant(device)]
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # one policy for all rows
         variants += [Variant(device, "bfloat16", channels_last=True), Variant(device, "bfloat16", True, compile=True)]
 
     rows = []
@@ -351,13 +402,13 @@ def main():
     trained = "resnet50" if "resnet50" in models else models[0]  # the loader is compared with its training speed
     step = next(r for r in rows if r["name"] == f"{trained} train step" and r["dtype"] == variants[-1].dtype
                 and r["compile"] == variants[-1].compile)
-    rows += data_pipeline([0, 2] if args.quick else [0, 2, 4, 8, 16], variants[-1], batch, args.img_size,
-                          160 if args.quick else 1024, trained, batch / (step["median_ms"] / 1000))
+    rows += data_pipeline([0, 2] if args.quick else [0, 2, 4, 8, 16], variants[-1], batch, args.img_size, trained,
+                          batch / (step["median_ms"] / 1000))
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(command="python bench.py " + " ".join(sys.argv[1:]), torch=torch.__version__,
-                           rows=rows), f, indent=1)
+            json.dump(dict(command="python bench.py " + " ".join(sys.argv[1:]),
+                           torch=torch.__version__, date=time.strftime("%Y-%m-%d"), rows=rows), f, indent=1)
         print(f"\nwrote {args.json}")
 
 
