@@ -602,6 +602,8 @@ def write_figures(model, args, classes, device):
     """--show-pocas: for each image, prepared as for evaluation, where the model finds its top classes, into
     --checkpoint: evidence_<image>.png (noah.show_evidence: POCA and class evidence with NOAH, the class
     activation map with the standard head), and with NOAH pocas_<image>.png (every head, noah.show_pocas)."""
+    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
+
     reason = noah.not_a_sum_over_positions(model)
     if reason:
         raise UserError(f"--show-pocas: {args.arch} has no class activation map, as {reason}; use --use_noah")
@@ -622,6 +624,7 @@ def write_figures(model, args, classes, device):
         for kind, figure in figures.items():
             paths.append(os.path.join(args.checkpoint, f"{kind}_{stem}.png"))
             figure.savefig(paths[-1], dpi=110)
+            plt.close(figure)  # pyplot would keep every figure of a long list of images in memory
             print(f"{image_path} -> {paths[-1]}")
     return paths
 

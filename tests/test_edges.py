@@ -5,6 +5,7 @@ import math
 import os
 
 import matplotlib
+import matplotlib.pyplot
 import pytest
 import torch
 from PIL import Image
@@ -149,6 +150,7 @@ def test_show_evidence_and_pocas_cap_top_k_at_the_number_of_classes():
 
 def test_show_pocas_takes_the_class_count_from_a_bare_state_dict_and_names_figures_apart(image_folder, tmp_path):
     torch.save(build("resnet18", num_classes=10).state_dict(), tmp_path / "bare.pth")
+    open_figures = matplotlib.pyplot.get_fignums()
     a, b = tmp_path / "a", tmp_path / "b"
     for folder in (a, b):
         folder.mkdir()
@@ -159,6 +161,7 @@ def test_show_pocas_takes_the_class_count_from_a_bare_state_dict_and_names_figur
     assert sorted(os.path.basename(p) for p in paths) == ["evidence_gray.png", "evidence_gray_2.png",
                                                           "pocas_gray.png", "pocas_gray_2.png"]
     assert len(set(paths)) == 4 and all(os.path.getsize(p) > 0 for p in paths)
+    assert matplotlib.pyplot.get_fignums() == open_figures  # each closed once written: many images would fill memory
     args = train.parse_args(["--arch", "resnet18", "--use_noah", "--resume", "x", "--show-pocas", "y"])
     checkpoint = {"state_dict": build("resnet18", num_classes=10).state_dict()}
     assert train.figure_classes(checkpoint, args) == [str(k) for k in range(10)]
