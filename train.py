@@ -332,9 +332,9 @@ def processes(args):
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # counts: no wait for the GPU
-    procs = Processes(distributed, world, rank, device, getattr(torch, args.amp_dtype) if args.use_amp else None,
-                      args.tf32 and device.type == "cuda", torch.channels_last if args.channels_last else
-                      torch.contiguous_format, host_group)
+    procs = Processes(distributed, world, rank, device, amp_dtype=getattr(torch, args.amp_dtype) if args.use_amp else
+                      None, tf32=args.tf32 and device.type == "cuda", host_group=host_group,
+                      memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
     if procs.amp_dtype == torch.float16 and device.type == "cpu" and os.environ.get(FLOAT16_ON_CPU) != "1":
         procs.amp_dtype = None  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
         procs.print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
@@ -564,7 +564,7 @@ def prepare_folder(folder):
     except OSError as e:
         raise UserError(f"cannot write into {folder} (--checkpoint): {e.strerror}") from None
     for name in os.listdir(folder):
-        if re.fullmatch(r"(checkpoint\.pth\.tar|model_best\.pth\.tar|log\.jsonl)\.tmp\d+", name):
+        if re.fullmatch(r"(checkpoint\.pth\.tar|model_best\.pth\.tar|log\.jsonl|curves\.png)\.tmp\d+", name):
             os.remove(os.path.join(folder, name))
 
 
@@ -573,8 +573,11 @@ def log_epoch(log, record, folder, epochs):
     redoes) and curves.png, and print it."""
     log.append(record)
     lines = "".join(json.dumps(r) + "\n" for r in log)
-    save_atomically(lambda tmp: pathlib.Path(tmp).write_text(lines), os.path.join(folder, "log.jsonl"))
-    save_atomically(lambda tmp: plot_curves(log, tmp), os.path.join(folder, "curves.png"))
+    try:
+        save_atomically(lambda tmp: pathlib.Path(tmp).write_text(lines), os.path.join(folder, "log.jsonl"))
+        save_atomically(lambda tmp: plot_curves(log, tmp), os.path.join(folder, "curves.png"))
+    except UserError as e:
+        raise UserError(f"{e}; the checkpoint of epoch {record['epoch']} is saved") from None
     skipped = record["unreadable_train_images"]
     print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
           f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
