@@ -24,8 +24,10 @@ import pathlib
 import random
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -525,13 +527,31 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     return start_epoch, float(checkpoint["best_acc"]), log
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Ctrl-C during the block takes effect at its end, so that a file being saved is finished first (cut in
+    the middle, torch.save would report the interrupt as a broken zip file)."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread receives signals
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held:
+            raise KeyboardInterrupt
+
+
 def save_atomically(write, path):
     """write(tmp) to a temporary file beside `path`, then rename it: `path` is always a whole file, the old one
     or the new. A failed write removes its partial file and says why, in words (a full disk, a permission)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with ctrl_c_held():
+            write(tmp)
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
         full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 20
         if os.path.exists(tmp):

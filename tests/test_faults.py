@@ -332,6 +332,18 @@ def test_evaluate_under_three_processes_ignores_the_training_batch(image_folder,
     assert "on 12 images" in done.stdout
 
 
+def test_ctrl_c_during_a_save_lets_it_finish_then_stops(tmp_path):
+    state = {"weights": torch.randn(1000, 100)}
+
+    def write(tmp):
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the save begins
+        torch.save(state, tmp)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_atomically(write, str(tmp_path / "checkpoint.pth.tar"))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+    assert torch.equal(torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["weights"], state["weights"])
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_saying_where_the_last_checkpoint_is(tmp_path):
     args = ["--dataset", "shapes", "--img-size", 32, "--train-size", 64, "--val-size", 8, "--train-batch", 16,
