@@ -401,8 +401,7 @@ def build_model(args, num_classes, checkpoint, procs):
             noah.load_checkpoint(model, checkpoint["ema"] if args.ema else checkpoint)
         except ValueError as e:
             raise UserError(f"{args.resume} does not fit {describe(config)}: {e}") from None
-    model.to(procs.device)
-    return model.to(memory_format=torch.channels_last) if args.channels_last else model, config
+    return model.to(procs.device, memory_format=procs.memory_format), config
 
 
 def check_classes(checkpoint, classes, args):
