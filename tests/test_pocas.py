@@ -64,7 +64,7 @@ def test_pointing_game_points_at_the_centre_of_the_peak_cell():
 @pytest.fixture(scope="session")
 def shapes_model(tmp_path_factory):
     """The notebooks' model, trained as `python train.py --preset shapes` does: a NOAH MobileNetV3-Small on
-    128-pixel shapes, 4 epochs of 5,000 images (about 2.5 minutes on 2 CPU cores)."""
+    128-pixel shapes, 4 epochs of 5,000 images: the slowest fixture of the suite."""
     folder = tmp_path_factory.mktemp("shapes")
     train.main(["--preset", "shapes", "--checkpoint", str(folder)])
     checkpoint = noah.read_checkpoint(folder / "checkpoint.pth.tar")
