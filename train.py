@@ -547,16 +547,16 @@ def save_atomically(write, path):
     """write(tmp) to a temporary file beside `path`, then rename it: `path` is always a whole file, the old one
     or the new. A failed write removes its partial file and says why, in words (a full disk, a permission)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with ctrl_c_held():
+    with ctrl_c_held():  # around the clean-up too: a Ctrl-C during a failed write still removes the partial file
+        try:
             write(tmp)
             os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
-        full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 20
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        reason = "the disk is full" if full else getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-        raise UserError(f"could not save {path}: {reason}") from None
+        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError of its zip writer
+            full = shutil.disk_usage(os.path.dirname(path) or ".").free < 2 ** 20
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            reason = "the disk is full" if full else getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
+            raise UserError(f"could not save {path}: {reason}") from None
 
 
 def save_checkpoint(state, is_best, folder):
