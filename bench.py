@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from einops import rearrange
+from PIL import Image
 from torch._dynamo.utils import counters as dynamo_counters  # Dynamo's own tally of the graphs it compiled
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
@@ -291,8 +292,6 @@ def memory(models, variant, batch, img_size):
 
 def write_jpegs(folder, count, size=(500, 375)):
     """A folder of JPEGs like ImageNet's (500x375 on average): smooth random pictures in two classes."""
-    from PIL import Image
-
     g = torch.Generator().manual_seed(0)
     for i in range(count):
         os.makedirs(os.path.join(folder, "train", f"class{i % 2}"), exist_ok=True)

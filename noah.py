@@ -1132,7 +1132,7 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
     image: (3, H, W) or (1, 3, H, W), normalized with mean and std (default: the model's data_config).
     Returns a Figure.
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
 
     image = one_image(image)
     picture = denormalize(image, *normalization(model, mean, std))
@@ -1162,7 +1162,7 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
     maps share one colour scale (red for, blue against the class; each sums to its model's logit), and so do
     the attention maps. image: (3, H, W) or (1, 3, H, W).
     """
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
 
     image, first = one_image(image), next(iter(models.values()))
     picture = denormalize(image, *normalization(first, mean, std))
