@@ -84,8 +84,8 @@ def test_pointing_game_of_a_briefly_trained_model_is_well_above_chance(shapes_mo
     random_point = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 128 ** 2).mean().item()
     centre = noah.pointing_game(torch.ones(300, 1, 1), boxes, (128, 128)).float().mean().item()
     assert (predicted == labels).float().mean() > 0.8
-    # Margins that every seed of docs/init.md's notebook re-measures clears: accuracy hardly moves across seeds,
-    # but how often the maps point at the object does, by a factor of two. A broken map (its positions shuffled,
-    # or uniform) stays near the random point or the centre.
+    # Margins that this model clears on each of the three seeds docs/init.md measures: accuracy hardly moves
+    # across seeds, but how often the maps point at the object does, by a factor of two. A broken map (its
+    # positions shuffled, or uniform) stays near the random point or the centre.
     assert hits >= 2 * random_point, (hits, random_point)
     assert hits >= centre + 0.05, (hits, centre)
