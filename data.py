@@ -6,6 +6,7 @@ seeded by its seed alone: so a resumed run sees the same augmented images, whate
 import functools
 import math
 import os
+import shutil
 import sys
 
 import torch
@@ -149,32 +150,51 @@ def download(make, url, placement):
 
 IMAGENETTE = {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}  # size: folder
 IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn",
-                      "n03417042": "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball",
-                      "n03888257": "parachute"}  # its ten ImageNet classes, by folder
+                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042":
+                      "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute"}
+IMAGENETTE_URL = "NOAH_IMAGENETTE_URL"  # environment variable: where the archives are, if not at fastai's (a mirror)
 
 
 def imagenette(root, img_size, train_tf, val_tf):
-    """Imagenette from whichever size is extracted in `root` (the one --img-size fits best first), else
-    downloaded by torchvision in the smallest size that covers --img-size; read as two image folders."""
+    """Imagenette from --data: a copy with train/ and val/, or an extracted imagenette2(-320, -160) inside (the
+    size --img-size fits best first); into an empty folder, the smallest that covers --img-size is downloaded."""
     wanted = "160px" if img_size <= 160 else "320px" if img_size <= 320 else "full"
-    extracted = [size for size in (wanted, "full", "320px", "160px") if os.path.isdir(f"{root}/{IMAGENETTE[size]}")]
-    size = extracted[0] if extracted else wanted
-    folder = os.path.join(root, IMAGENETTE[size])
-    if not extracted:
-        url = f"https://s3.amazonaws.com/fast-ai-imageclas/{IMAGENETTE[size]}.tgz"
-        download(lambda download: datasets.Imagenette(root, "train", size, download=download), url,
-                 f"extract it into {root}, so that {folder}/train/ and val/ exist")
+    found = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    extracted = [IMAGENETTE[size] for size in (wanted, "full", "320px", "160px") if IMAGENETTE[size] in found]
+    if {"train", "val"} & set(found):
+        folder = root
+    elif extracted:
+        folder = os.path.join(root, extracted[0])
+    elif set(found) <= {f".{IMAGENETTE[wanted]}.partial"}:  # empty, or holding what a cut download left
+        folder = download_imagenette(root, IMAGENETTE[wanted])
+    else:
+        raise UserError(f"{root} holds {', '.join(found[:4])}{', ...' * (len(found) > 4)}, not Imagenette: give an "
+                        f"empty folder to download it into, a copy with train/ and val/, or a folder with an "
+                        f"extracted {', '.join(IMAGENETTE.values())}")
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(folder, split)):
             raise UserError(f"{folder} has no {split}/ folder: extract the whole archive, or delete {folder} to "
                             f"download it again")
         missing = [wnid for wnid in IMAGENETTE_CLASSES if not os.path.isdir(os.path.join(folder, split, wnid))]
         if missing:
-            raise UserError(f"{folder}/{split} has no class folder {', '.join(missing)}: Imagenette has ten, named "
-                            f"{', '.join(IMAGENETTE_CLASSES)}")
+            raise UserError(f"{folder}/{split} has no class folder {', '.join(missing)} (Imagenette has ten, named "
+                            f"{', '.join(IMAGENETTE_CLASSES)}): extract it whole, or delete {folder} to download it")
     train, val, wnids = image_folders(folder, train_tf, val_tf)
-    return train, val, [IMAGENETTE_CLASSES[wnid] for wnid in wnids]
+    return train, val, [IMAGENETTE_CLASSES.get(wnid, wnid) for wnid in wnids]
+
+
+def download_imagenette(root, name):
+    """root/name, downloaded and extracted into a hidden folder renamed when whole: a cut one never looks done."""
+    url = f"{os.environ.get(IMAGENETTE_URL) or 'https://s3.amazonaws.com/fast-ai-imageclas'}/{name}.tgz"
+    partial = os.path.join(root, f".{name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    download(lambda download: datasets.utils.download_and_extract_archive(url, partial, remove_finished=True),
+             url, f"extract it into {root}, so that {root}/{name}/train/ and val/ exist")
+    if not os.path.isdir(os.path.join(partial, name)):
+        raise UserError(f"{url} holds no folder {name}/, as Imagenette's archive does")
+    os.replace(os.path.join(partial, name), os.path.join(root, name))
+    os.rmdir(partial)
+    return os.path.join(root, name)
 
 
 def imagenet_classes():

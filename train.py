@@ -80,12 +80,14 @@ def make_presets():
     """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the
     standard head. `quick` is the run of `python train.py` with no arguments; `shapes` trains the model
     of the notebooks, whose 4x4 POCA maps (128-pixel images) are fine enough to find the objects."""
-    on_shapes = dict(dataset="shapes", use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos",
-                     train_batch=64, train_size=5000, workers=1, manualSeed=0)
+    small = dict(use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos", train_batch=64, manualSeed=0)
+    on_shapes = dict(small, dataset="shapes", train_size=5000, workers=1)
     presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3,
                              checkpoint="./checkpoints/quick"),
                "shapes": dict(on_shapes, arch="mobilenetv3_small", img_size=128, epochs=4, lr=3e-3,
-                              checkpoint="./checkpoints/shapes")}
+                              checkpoint="./checkpoints/shapes"),
+               "imagenette": dict(small, dataset="imagenette", arch="resnet18", img_size=128, epochs=20, lr=2e-3,
+                                  smoothing=0.1, checkpoint="./checkpoints/imagenette")}
     for name in noah.list_models():
         recipe, entry = dict(recipe_for(name), arch=name), noah.MODELS[name]
         presets[f"noah_{name}"] = dict(recipe, use_noah=True, head_num=entry.head_num, key_ratio=entry.key_ratio,

@@ -196,10 +196,8 @@ def test_a_last_batch_of_one_image_never_reaches_batch_norm(tmp_path):
 
 
 def imagenette_tree(root, folder="imagenette2-320", splits=("train", "val"), skip_class=None):
-    from torchvision import datasets
-
     for split in splits:
-        for wnid in datasets.Imagenette._WNID_TO_CLASS:
+        for wnid in data.IMAGENETTE_CLASSES:
             if wnid != skip_class:
                 (root / folder / split / wnid).mkdir(parents=True)
                 Image.new("RGB", (48, 40), (10, 200, 30)).save(root / folder / split / wnid / "a.JPEG")
@@ -225,22 +223,30 @@ def test_a_bad_imagenette_tree_is_reported_as_a_bad_tree(tmp_path, tree, message
 
 @pytest.mark.parametrize("img_size, size", [(128, "160px"), (224, "320px"), (384, "full")])
 def test_img_size_picks_the_imagenette_download(monkeypatch, tmp_path, img_size, size):
-    from torchvision import datasets
-
-    asked = []
-
-    def offline(root, split, size, download=False, transform=None, loader=None):
-        asked.append(size)
-        raise OSError("network unreachable")
-
-    monkeypatch.setattr(datasets, "Imagenette", type("Imagenette", (), {
-        "_ARCHIVES": datasets.Imagenette._ARCHIVES, "_WNID_TO_CLASS": datasets.Imagenette._WNID_TO_CLASS,
-        "__new__": lambda cls, *args, **kwargs: offline(*args, **kwargs)}))
-    args = train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path), "--img-size", str(img_size)])
+    monkeypatch.setenv(data.IMAGENETTE_URL, "http://127.0.0.1:9")  # the discard port: nothing answers there
+    args = train.parse_args(["--dataset", "imagenette", "--data", str(tmp_path / "new"), "--img-size", str(img_size)])
     with pytest.raises(train.UserError) as error:
         data.build_datasets(args)
-    assert asked == [size]
-    assert datasets.Imagenette._ARCHIVES[size][0] in str(error.value) and "train/ and val/" in str(error.value)
+    assert f"could not download http://127.0.0.1:9/{data.IMAGENETTE[size]}.tgz" in str(error.value)
+    assert "train/ and val/" in str(error.value)
+
+
+def test_a_plain_copy_of_imagenette_with_train_and_val_is_read_as_it_is(tmp_path):
+    imagenette_tree(tmp_path, folder="copy")
+    train_set, val_set, classes = data.build_datasets(train.parse_args(["--preset", "imagenette", "--data",
+                                                                        str(tmp_path / "copy")]))
+    assert (len(train_set), len(val_set), classes[-1]) == (10, 10, "parachute")
+
+
+@pytest.mark.parametrize("make, found", [
+    (lambda root: (root / "cifar-10-batches-py").mkdir(), "holds cifar-10-batches-py, not Imagenette"),
+    (lambda root: imagenette_tree(root, folder="imagenette2-160", splits=("train",)), "imagenette2-160 has no val/"),
+    (lambda root: imagenette_tree(root, folder="", skip_class="n03888257"), "train has no class folder n03888257"),
+])
+def test_a_folder_that_is_not_imagenette_gets_one_line_saying_what_it_holds(tmp_path, make, found):
+    make(tmp_path)
+    with pytest.raises(train.UserError, match=found):
+        data.build_datasets(train.parse_args(["--preset", "imagenette", "--data", str(tmp_path)]))
 
 
 def test_train_and_val_with_other_class_names_are_named(image_folder, tmp_path):

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import train
-from helpers import mixed_image_folder, read_log, run, small_run
+from helpers import fails_cleanly, mixed_image_folder, read_log, run, small_run
 
 FLOAT16 = {train.FLOAT16_ON_CPU: "1"}
 
@@ -175,3 +175,60 @@ def test_the_precision_is_decided_per_run_and_the_flags_keep_what_was_asked(imag
         args = train.parse_args([str(a) for a in small_run(image_folder, tmp_path, "--use_amp", "--amp-dtype", dtype)])
         with train.processes(args) as procs:
             assert procs.precision == precision and args.use_amp and args.amp_dtype == dtype
+
+
+# --- Imagenette's download, from a server on this machine ----------------------------------------------------------
+
+
+@pytest.fixture
+def imagenette_server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving imagenette2-160.tgz in the real archive's layout (imagenette2-160/
+    train|val/<wnid>/*.JPEG, 160 px on the short side, plus its CSV of noisy labels), two images per class
+    and split; -> the base URL."""
+    import functools
+    import http.server
+    import tarfile
+    import threading
+
+    tree = tmp_path / "tree" / "imagenette2-160"
+    for split in ("train", "val"):
+        for c, wnid in enumerate(data.IMAGENETTE_CLASSES):
+            (tree / split / wnid).mkdir(parents=True)
+            for i in range(2):
+                Image.new("RGB", (213, 160), (25 * c, 90, 40 * i)).save(tree / split / wnid / f"{wnid}_{i}.JPEG")
+    (tree / "noisy_imagenette.csv").write_text("path,noisy_labels_0,is_valid\n")
+    served = tmp_path / "served"
+    served.mkdir()
+    with tarfile.open(served / "imagenette2-160.tgz", "w:gz") as archive:
+        archive.add(tree, arcname="imagenette2-160")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+@pytest.mark.slow
+def test_the_imagenette_preset_downloads_extracts_and_trains_from_an_empty_folder(imagenette_server, tmp_path):
+    root, env = tmp_path / "data", {data.IMAGENETTE_URL: imagenette_server}
+    args = ["--preset", "imagenette", "--data", root, "--img-size", 32, "--epochs", 1, "--train-batch", 10,
+            "--workers", 0, "--checkpoint", tmp_path / "ck"]
+    done = run(args, env=env)
+    assert "epoch 1/1" in done.stdout
+    assert sorted(p.name for p in root.iterdir()) == ["imagenette2-160"]  # the archive and the partial folder went
+    assert len(list((root / "imagenette2-160" / "val").glob("*/*.JPEG"))) == 20
+    assert torch.load(tmp_path / "ck" / "checkpoint.pth.tar", weights_only=True)["classes"][0] == "tench"
+    again = run(args + ["--resume", tmp_path / "ck" / "checkpoint.pth.tar", "--epochs", 2], env=dict(env, **{
+        data.IMAGENETTE_URL: "http://127.0.0.1:9"}))  # extracted: nothing is downloaded again
+    assert "epoch 2/2" in again.stdout
+
+
+@pytest.mark.slow
+def test_a_half_extracted_imagenette_folder_gets_one_line(imagenette_server, tmp_path):
+    for split, wnids in (("train", list(data.IMAGENETTE_CLASSES)), ("val", list(data.IMAGENETTE_CLASSES)[:3])):
+        for wnid in wnids:  # as tar leaves it when cut: train/ whole, val/ begun
+            (tmp_path / "data" / "imagenette2-160" / split / wnid).mkdir(parents=True)
+    done = run(["--preset", "imagenette", "--data", tmp_path / "data", "--img-size", 32, "--epochs", 1,
+                "--checkpoint", tmp_path / "ck"], check=False, env={data.IMAGENETTE_URL: imagenette_server})
+    fails_cleanly(done, "imagenette2-160/val has no class folder n03000684, n03028079")
+    assert "delete" in done.stderr and "to download it" in done.stderr
