@@ -11,7 +11,8 @@ look for itself where in the image it is. Read this file top to bottom:
   3. Token backbones: DeiT and PVT (vision transformers), MLP-Mixer and gMLP (MLPs).
   4. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
   5. Seeing the POCAs: `poca_maps`, `show_pocas`; `class_evidence` (NOAH's, and the standard head's class
-     activation map), `show_evidence`, and two localization scores (`pointing_game`, `evidence_in_box`).
+     activation map), `show_evidence`, and localization scores against boxes
+     (`pointing_game`, `evidence_in_box`, `box_hits`; `read_boxes` for Imagenette's).
   6. Checkpoints: `load_checkpoint` (this project's, the original's, torchvision's, timm's), `load_backbone`.
 
 Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
@@ -20,12 +21,14 @@ Token backbones lay their patch tokens out as such a map, so one NOAH module ser
 Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, K classes.
 """
 import argparse
+import csv
 import math
 import re
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -1076,36 +1079,116 @@ def not_a_sum_over_positions(model):
     return None
 
 
+def box_sets(boxes):
+    """Boxes (B, 4), one per image, or (B, M, 4), up to M per image (rows of NaN where an image has fewer), as
+    (B, M, 4): (x0, y0, x1, y1) in pixels. An image's object is anywhere in any of its boxes."""
+    return boxes[:, None] if boxes.dim() == 2 else boxes
+
+
 def evidence_in_box(maps, boxes, image_size):
     """A threshold-free localization score: the share of each map's positive mass that lies inside the object's
-    box. maps: (B, h, w) on the feature grid; boxes: (B, 4) as (x0, y0, x1, y1) pixels of an image of image_size
-    (H, W). A grid cell counts by the fraction of its area the box covers; a uniform map scores the box's
-    share of the image. Returns (B,) in [0, 1]."""
+    boxes. maps: (B, h, w) on the feature grid; boxes: see `box_sets`, in pixels of an image of image_size
+    (H, W). A grid cell counts by the fraction of its area the boxes cover (their union); a uniform map scores
+    the boxes' share of the image. Returns (B,) in [0, 1]."""
     (H, W), (h, w) = image_size, maps.shape[-2:]
-    x0, y0, x1, y1 = boxes.unbind(dim=1)
+    x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M) each
 
-    def covered(low, high, cells, size):  # (B, cells): the fraction of each cell's extent inside [low, high]
-        edges = torch.arange(cells + 1, device=boxes.device) * size / cells
-        inside = torch.minimum(edges[1:], high[:, None]) - torch.maximum(edges[:-1], low[:, None])
-        return inside.clamp(min=0) / (size / cells)
+    def covered(low, high, pixels):  # (B, M, pixels): the fraction of each pixel's extent inside [low, high]
+        edges = torch.arange(pixels + 1, device=boxes.device, dtype=boxes.dtype)
+        inside = torch.minimum(edges[1:], high[..., None]) - torch.maximum(edges[:-1], low[..., None])
+        return inside.clamp(min=0).nan_to_num(0)
 
-    inside = einsum(covered(y0, y1, h, H), covered(x0, x1, w, W), "b h, b w -> b h w")
+    union = einsum(covered(y0, y1, H), covered(x0, x1, W), "b m h, b m w -> b m h w").amax(dim=1)  # (B, H, W)
+    inside = nn.functional.adaptive_avg_pool2d(union, (h, w))  # each cell's share inside a box: (B, h, w)
     positive = maps.clamp(min=0)
     return (positive * inside).sum(dim=(1, 2)) / positive.sum(dim=(1, 2)).clamp(min=1e-12)
 
 
 def pointing_game(maps, boxes, image_size):
-    """The pointing game on maps (POCAs, class evidence, CAMs): does each map's peak fall inside the object's box?
+    """The pointing game on maps (POCAs, class evidence, CAMs): does each map's peak fall inside the object's boxes?
 
     maps: (B, h, w) on the feature grid (e.g. a class's maps summed over heads); the point is the centre
-    of the peak cell, in pixels of an image of image_size (H, W). boxes: (B, 4) as (x0, y0, x1, y1) pixels.
+    of the peak cell, in pixels of an image of image_size (H, W). boxes: see `box_sets`, in pixels.
     Returns (B,) booleans. A point drawn at random hits a box with probability its share of the image.
     """
     (H, W), (h, w) = image_size, maps.shape[-2:]
     peak = maps.flatten(1).argmax(dim=1)
-    y, x = (peak // w + 0.5) * H / h, (peak % w + 0.5) * W / w
-    x0, y0, x1, y1 = boxes.unbind(dim=1)
-    return (x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)
+    y, x = (peak[:, None] // w + 0.5) * H / h, (peak[:, None] % w + 0.5) * W / w  # (B, 1)
+    x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M); NaN rows compare False
+    return ((x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)).any(dim=1)
+
+
+def box_hits(maps, boxes, image_size, thresholds=100, min_iou=0.5, grid=(56, 56)):
+    """Box accuracy, as weakly supervised localization scores a map (Choe et al., CVPR 2020, MaxBoxAccV2): at each
+    threshold, is the map's box right? -> (B, thresholds) booleans; `hits.float().mean(0).max()` is the accuracy
+    at the best threshold for the whole set (MaxBoxAcc).
+
+    Each map (B, h, w) is upsampled bilinearly to `grid` cells over the image (H, W), scaled to [0, 1] by its
+    own min and max, and cut at thresholds 0, 1/T, ..., (T-1)/T: every 8-connected region of cells at or
+    above the threshold (at 0, the whole image) gives a box (its bounding box), and the image is a hit when
+    one of these boxes overlaps one of the true boxes (see `box_sets`) with IoU >= min_iou. This is
+    MaxBoxAccV2 at the one IoU of 0.5 (V2 averages 0.3, 0.5 and 0.7), with its every-region rule,
+    on a grid of cells instead of the image's pixels."""
+    (H, W), (gh, gw) = image_size, grid
+    maps = nn.functional.interpolate(maps[:, None].float(), size=grid, mode="bilinear", align_corners=False)[:, 0]
+    low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
+    maps = (maps - low) / (high - low).clamp(min=1e-12)
+    cut = torch.arange(thresholds, device=maps.device) / thresholds
+    hits = [region_box_iou(m >= cut[:, None, None], b, (H / gh, W / gw)) >= min_iou for m, b in zip(maps, boxes)]
+    return torch.stack(hits)
+
+
+def region_box_iou(masks, boxes, cell):
+    """The best IoU between any 8-connected region's bounding box in each mask (T, gh, gw) and any true box:
+    -> (T,). Regions are labelled by spreading the largest cell index through each (a max-pool, repeated)."""
+    T, gh, gw = masks.shape
+    index = torch.arange(1, gh * gw + 1, device=masks.device, dtype=torch.float).reshape(gh, gw)
+    labels = torch.where(masks, index, 0.0)
+    while True:
+        spread = nn.functional.max_pool2d(labels[:, None], 3, stride=1, padding=1)[:, 0] * masks
+        if torch.equal(spread, labels):
+            break
+        labels = spread
+    t, y, x = masks.nonzero(as_tuple=True)
+    region = t * (gh * gw + 1) + labels[t, y, x].long()  # one number per (threshold, region)
+    size = T * (gh * gw + 1)
+    edge = lambda values, how: torch.full((size,), math.nan).scatter_reduce(0, region, values.float(), how,
+                                                                           include_self=False)
+    x0, y0 = edge(x, "amin") * cell[1], edge(y, "amin") * cell[0]
+    x1, y1 = (edge(x, "amax") + 1) * cell[1], (edge(y, "amax") + 1) * cell[0]
+    truth = box_sets(boxes[None])[0]  # (M, 4)
+    tx0, ty0, tx1, ty1 = truth.unbind(dim=-1)
+    overlap = ((torch.minimum(x1[:, None], tx1) - torch.maximum(x0[:, None], tx0)).clamp(min=0)
+               * (torch.minimum(y1[:, None], ty1) - torch.maximum(y0[:, None], ty0)).clamp(min=0))
+    union = ((x1 - x0) * (y1 - y0))[:, None] + (tx1 - tx0) * (ty1 - ty0) - overlap
+    iou = (overlap / union).nan_to_num(0).amax(dim=1)  # (T * (gh * gw + 1),): each region's best
+    return iou.reshape(T, gh * gw + 1).amax(dim=1)
+
+
+IMAGENETTE_BOXES = Path(__file__).parent / "docs" / "imagenette_boxes.csv"
+
+
+def read_boxes(root, split="val", csv_path=IMAGENETTE_BOXES):
+    """ImageNet's human-drawn boxes for the Imagenette images that are ImageNet validation images (the CSV: one
+    row per box, `file,wnid,width,height,x0,y0,x1,y1` in the original image's pixels), for a copy of Imagenette
+    at `root` (`root/split/<wnid>/<file>`, any size): each box is scaled per axis by the size of the file found
+    there. -> [(path, wnid, boxes (M, 4) as x0, y0, x1, y1 in that file's pixels)], the files in order."""
+    from PIL import Image  # only this function reads images
+
+    rows = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows.setdefault((row["file"], row["wnid"]), []).append(row)
+    found = []
+    for (file, wnid), boxes in sorted(rows.items()):
+        path = Path(root) / split / wnid / file
+        if not path.exists():
+            continue
+        width, height = Image.open(path).size
+        scale = torch.tensor([width / float(boxes[0]["width"]), height / float(boxes[0]["height"])]).repeat(2)
+        found.append((path, wnid, torch.tensor([[float(b[k]) for k in ("x0", "y0", "x1", "y1")] for b in boxes])
+                      * scale))
+    return found
 
 
 def denormalize(image, mean, std):

@@ -5,6 +5,7 @@ import itertools
 import matplotlib
 import pytest
 import torch
+from PIL import Image
 
 import noah
 from helpers import build
@@ -103,3 +104,93 @@ def test_show_evidence_puts_noah_and_gap_side_by_side():
     assert all(image.get_interpolation() == "bilinear" for image in evidence)
     assert no_overlaps(figure)
     matplotlib.pyplot.close(figure)
+
+
+# --- Localization against boxes: ImageNet's for Imagenette, and the scores ------------------------------------------
+
+
+def csv_rows():
+    import csv
+
+    return list(csv.DictReader(open(noah.IMAGENETTE_BOXES)))
+
+
+def test_the_boxes_csv_holds_imagenettes_imagenet_validation_images_and_their_boxes():
+    import data
+
+    rows = csv_rows()
+    assert len(rows) == 813 and len({row["file"] for row in rows}) == 500
+    assert {row["wnid"] for row in rows} == set(data.IMAGENETTE_CLASSES)
+    for row in rows:
+        x0, y0, x1, y1, width, height = (int(row[k]) for k in ("x0", "y0", "x1", "y1", "width", "height"))
+        assert 0 <= x0 < x1 < width + 1 and 0 <= y0 < y1 < height + 1, row
+
+
+def some_box_images(root, files=30, size=(100, 80)):
+    """Black images at `size` for the first `files` files of the CSV, in root/val/<wnid>/."""
+    seen = {}
+    for row in csv_rows():
+        seen.setdefault(row["file"], row)
+    for file, row in list(seen.items())[:files]:
+        (root / "val" / row["wnid"]).mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size).save(root / "val" / row["wnid"] / file)
+    return seen
+
+
+def test_read_boxes_scales_each_box_by_the_size_of_the_image_it_reads(tmp_path):
+    seen = some_box_images(tmp_path, files=30, size=(100, 80))
+    found = noah.read_boxes(tmp_path)
+    assert len(found) == 30
+    rows = csv_rows()
+    for path, wnid, boxes in found:
+        original = [row for row in rows if row["file"] == path.name]
+        assert path.parent.name == wnid == seen[path.name]["wnid"] and len(boxes) == len(original)
+        W, H = int(original[0]["width"]), int(original[0]["height"])
+        expected = [[int(r["x0"]) * 100 / W, int(r["y0"]) * 80 / H, int(r["x1"]) * 100 / W, int(r["y1"]) * 80 / H]
+                    for r in original]
+        assert torch.allclose(boxes, torch.tensor(expected))
+    assert noah.read_boxes(tmp_path, split="train") == []  # nothing there
+
+
+def padded(box_list):
+    """Boxes of several images, (M_i, 4) each -> (B, M, 4), NaN where an image has fewer."""
+    out = torch.full((len(box_list), max(len(b) for b in box_list), 4), float("nan"))
+    for i, b in enumerate(box_list):
+        out[i, : len(b)] = b
+    return out
+
+
+def box_indicator(box, size):
+    """1 on the pixels of an image (size x size) whose centres lie in the box."""
+    centres = torch.arange(size) + 0.5
+    return ((centres[None, :] >= box[0]) & (centres[None, :] <= box[2]) & (centres[:, None] >= box[1])
+            & (centres[:, None] <= box[3])).float()
+
+
+def test_maps_on_each_true_box_score_every_image_and_maps_beside_them_do_not(tmp_path):
+    some_box_images(tmp_path, files=20, size=(112, 112))
+    found = noah.read_boxes(tmp_path)
+    boxes = padded([b for _, _, b in found])
+    on_box = torch.stack([box_indicator(b[0], 112) for _, _, b in found])  # each image's first box
+    peaked = torch.zeros(len(found), 112, 112)
+    for i, (_, _, b) in enumerate(found):
+        x, y = int((b[-1, 0] + b[-1, 2]) / 2), int((b[-1, 1] + b[-1, 3]) / 2)  # its last box's centre
+        peaked[i, y, x] = 1
+    assert noah.pointing_game(peaked, boxes, (112, 112)).all()
+    hits = noah.box_hits(on_box, boxes, (112, 112), thresholds=4, grid=(112, 112))
+    assert hits[:, 1:].all()  # at thresholds 1/4 to 3/4 the region is the box itself (at 0: the whole image)
+    assert noah.evidence_in_box(on_box, boxes, (112, 112)).min() > 0.95  # edge pixels are partly outside
+    away = torch.roll(on_box, shifts=(56, 56), dims=(1, 2))  # the same regions, half an image away
+    assert noah.box_hits(away, boxes, (112, 112), thresholds=4, grid=(112, 112)).float().mean(0).max() < 0.7
+    assert noah.pointing_game(torch.roll(peaked, shifts=(56, 56), dims=(1, 2)), boxes, (112, 112)).float().mean() < 1
+
+
+def test_box_hits_takes_the_best_of_every_region_and_joins_diagonal_cells():
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 0:2, 0:2] = 1.0  # a small region, top left
+    maps[0, 5:8, 5:8] = 0.75  # the object's region, bottom right, lower in the map
+    truth = torch.tensor([[40.0, 40, 64, 64]])  # (x0, y0, x1, y1): the bottom-right 3 x 3 cells of 8 px
+    hits = noah.box_hits(maps, truth, (64, 64), thresholds=10, grid=(8, 8))[0]
+    assert hits[1:8].all() and not hits[0] and not hits[8:].any()  # at 0: the whole image; above 0.75: top left
+    diagonal = torch.eye(8)[None]  # cells touching at their corners: one region, the whole image's box
+    assert noah.box_hits(diagonal, torch.tensor([[0.0, 0, 64, 64]]), (64, 64), thresholds=2, grid=(8, 8)).all()
