@@ -1276,11 +1276,39 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
             shown[kind] = overlay(axes[row, col + 1], picture, maps[row].cpu(), upsample, **styles[kind])
     where = (f"the {grids[label]} feature grid" if len(set(grids.values())) == 1 else
              "feature grids of " + ", ".join(f"{grid} ({label})" for label, grid in grids.items()))
-    finish_figure(fig, axes, titles, f"where each head finds the class, on {where} ({upsample} upsampling)")
+    finish_figure(fig, axes, titles, f"each model's maps of its top classes, on {where} ({upsample} upsampling)")
     for kind, label in (("attention", "attention"), ("evidence", "evidence (sums to the logit)")):
         if kind in shown:
             fig.colorbar(shown[kind], ax=axes, shrink=0.8, label=label)
     return fig
+
+
+def save_figures(model, image_paths, folder, transform, class_names=None, top_k=3, mean=None, std=None):
+    """For each image file, prepared by `transform` (a PIL image -> (3, H, W), as for evaluation), where the model
+    finds its top classes, as PNGs in `folder`: evidence_<image>.png (`show_evidence`: POCA and class evidence
+    with NOAH, the CAM with a standard head) and, with NOAH, pocas_<image>.png (every head, `show_pocas`).
+    -> [(image path, figure path)]. A file that is no image raises a ValueError naming it."""
+    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
+    from PIL import Image
+
+    device, with_noah, written, stems = next(model.parameters()).device, isinstance(model.head, NOAH), [], {}
+    for image_path in image_paths:
+        try:
+            image = transform(Image.open(image_path).convert("RGB")).to(device)
+        except OSError as e:
+            raise ValueError(f"cannot read the image {image_path}: {e}") from None
+        figures = {"evidence": show_evidence({"NOAH" if with_noah else "GAP + FC": model}, image, class_names, top_k,
+                                             mean, std)}
+        if with_noah:
+            figures["pocas"] = show_pocas(model, image, class_names, top_k, mean, std)
+        stem = Path(image_path).stem
+        stems[stem] = stems.get(stem, 0) + 1  # a/gray.png, b/gray.png -> gray, gray_2
+        stem += f"_{stems[stem]}" * (stems[stem] > 1)
+        for kind, figure in figures.items():
+            written.append((image_path, Path(folder) / f"{kind}_{stem}.png"))
+            figure.savefig(written[-1][1], dpi=110)
+            plt.close(figure)  # pyplot would keep every figure of a long list of images in memory
+    return written
 
 
 def normalization(model, mean, std):
@@ -1290,7 +1318,16 @@ def normalization(model, mean, std):
 
 
 def class_name(class_names, k):
-    return class_names[k] if class_names is not None else f"class {k}"
+    """How a figure names class k: ImageNet's name for a WordNet id (folders of ImageNet: n03888257, parachute)."""
+    name = class_names[k] if class_names is not None else f"class {k}"
+    return imagenet_names().get(name, name)
+
+
+@lru_cache(maxsize=None)
+def imagenet_names():
+    """WordNet id -> ImageNet class name, from docs/imagenet_classes.txt (the 1000 ids sorted: ImageNet's order)."""
+    lines = (Path(__file__).parent / "docs" / "imagenet_classes.txt").read_text().splitlines()
+    return dict(line.split(" ", 1) for line in lines)
 
 
 def overlay(ax, picture, grid_map, upsample, **style):

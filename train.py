@@ -2,8 +2,6 @@
 
     python train.py                                          # quick run: NOAH ResNet18 on synthetic shapes, CPU ok
     torchrun --nproc_per_node=8 train.py --preset noah_resnet18 --data ./datasets/ILSVRC2012
-    torchrun --nproc_per_node=8 train.py --arch resnet18 --data ./datasets/ILSVRC2012 --use_noah \\
-        --head_num 4 --key_ratio 0.5 --evaluate --resume ./checkpoints/noah_resnet18/model_best.pth.tar
 
 The flags are the original repository's, so its commands run unchanged with `torchrun ... train.py` in place of
 `python -m torch.distributed.launch ... main.py`; `--preset NAME` fills in a published recipe, and flags given on
@@ -11,12 +9,11 @@ the command line win over it. --train-batch is the global batch, split evenly ov
 
 Read `main` first: it runs the steps below in the order a run takes them; data.py makes the batches. A resumed
 run continues exactly: randomness is reseeded at every epoch from (--manualSeed, epoch, rank), the learning rate
-is a function of the epoch, and the checkpoint holds the weights, the optimizer, the grad scaler, the EMA
-weights and the arguments.
+is a function of the epoch, and the checkpoint holds the weights, optimizer, grad scaler, EMA and arguments.
 """
 import argparse
-import collections
 import contextlib
+import difflib
 import json
 import math
 import os
@@ -27,6 +24,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 from dataclasses import dataclass
@@ -36,7 +34,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -68,14 +65,6 @@ RECIPES = dict(resnet=RESNET, mobilenetv2=MOBILENETV2, mobilenetv3=MOBILENETV3, 
                deit=DEIT, pvt=PVT, mixer=MLP, gmlp=MLP)
 
 
-def recipe_for(name):
-    family = noah.model_entry(name).family
-    if family not in RECIPES:
-        raise ValueError(f"model {name} belongs to the family {family!r}, which has no training recipe: "
-                         f"add one to train.RECIPES (known: {', '.join(RECIPES)})")
-    return RECIPES[family]
-
-
 def make_presets():
     """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the
     standard head. `quick` is the run of `python train.py` with no arguments; `shapes` trains the model
@@ -89,7 +78,8 @@ def make_presets():
                "imagenette": dict(small, dataset="imagenette", arch="resnet18", img_size=128, epochs=20, lr=2e-3,
                                   smoothing=0.1, checkpoint="./checkpoints/imagenette")}
     for name in noah.list_models():
-        recipe, entry = dict(recipe_for(name), arch=name), noah.MODELS[name]
+        entry = noah.MODELS[name]
+        recipe = dict(RECIPES[entry.family], arch=name)  # a KeyError here: a family of noah.MODELS without a recipe
         presets[f"noah_{name}"] = dict(recipe, use_noah=True, head_num=entry.head_num, key_ratio=entry.key_ratio,
                                        checkpoint=f"./checkpoints/noah_{name}")
         presets[name] = dict(recipe, use_noah=False, checkpoint=f"./checkpoints/{name}")
@@ -99,9 +89,8 @@ def make_presets():
 PRESETS = make_presets()
 
 
-BOUNDS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1,
-          "in [0, 1)": lambda v: 0 <= v < 1, "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1,
-          "in [0, 10]": lambda v: 0 <= v <= 10}
+BOUNDS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= 1": lambda v: v >= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+          "in [0, 1]": lambda v: 0 <= v <= 1, "in (0, 1]": lambda v: 0 < v <= 1, "in [0, 10]": lambda v: 0 <= v <= 10}
 
 
 def bounded(kind, bound):
@@ -117,35 +106,55 @@ def bounded(kind, bound):
     return parse
 
 
+HELP_END = """presets (--preset NAME): quick (python train.py's), shapes, imagenette (small runs), and for each model
+below, noah_<model> (its paper's recipe with NOAH, N and r) and <model> (with the standard head). Models by family:
+"""
+
+
 def get_parser():
-    """The flags; `parser.flags` maps each destination to the flag a user types ('train_batch': '--train-batch')."""
-    p = argparse.ArgumentParser(description="Train or evaluate a model of noah.py.", exit_on_error=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.flags = {}
+    """The flags; `parser.flags` maps each destination to the flag a user types ('train_batch': '--train-batch').
+    The original's flags keep their spelling (--use_noah, --manualSeed), and each has a hyphenated twin."""
+    families = [textwrap.fill(", ".join(noah.list_models([family])), 100, initial_indent=f"  {family:<13}",
+                              subsequent_indent=" " * 15) for family in RECIPES]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    workers = min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # torchrun's processes share the cores
+    p = argparse.ArgumentParser(usage="python train.py [--preset NAME] [--data DIR] [flags]   (or torchrun ... "
+                                "train.py ...)", description="Train or evaluate a model of noah.py. The original's "
+                                "flags with _ or capitals also take\nhyphens: --use-noah, --head-num, --key-ratio, "
+                                "--use-amp, --manual-seed.",
+                                epilog=HELP_END + "\n".join(families), exit_on_error=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.flags, groups = {}, [p]
 
     def add(*names, **options):
-        p.flags[p.add_argument(*names, **options).dest] = next(name for name in names if name.startswith("--"))
+        if options.get("default") not in (None, False, "") and "default" not in options.get("help", "default"):
+            options["help"] += " (default: %(default)s)"  # only where the default says something
+        action = groups[-1].add_argument(*names, **options)
+        p.flags[action.dest] = next(name for name in names if name.startswith("--"))
+        twins = [re.sub(r"(?<=[a-z])([A-Z])", r"-\1", n).lower().replace("_", "-") for n in names if n[1:2] == "-"]
+        if set(twins) - set(names):  # --use-noah for --use_noah, --manual-seed for --manualSeed: not in the help
+            groups[-1].add_argument(*twins, **dict(options, dest=action.dest, help=argparse.SUPPRESS))
 
-    add("--preset", choices=sorted(PRESETS), help="a published recipe; flags given on the command line win")
-    # data (the original's flags first)
-    add("-d", "--data", help="dataset folder: ImageFolder root with train/ and val/, or where to download")
+    add("--preset", choices=sorted(PRESETS), metavar="NAME", help="a published recipe (below); flags given win")
+    groups.append(p.add_argument_group("data (the original's flags first)"))
+    add("-d", "--data", metavar="DIR", help="dataset folder: train/ and val/ of class folders, or where to download")
     add("--dataset", choices=["imagenet", "folder", "imagenette", "cifar10", "cifar100", "shapes", "fake"],
         help="default: imagenet when --data is given, else the quick run's shapes")
-    add("-j", "--workers", type=bounded(int, ">= 0"), default=4, help="data loading processes per GPU/process")
+    add("-j", "--workers", type=bounded(int, ">= 0"), default=workers, help="loaders per process: its cores, at most 4")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
     add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
     add("--train-interpolation", choices=["bilinear", "bicubic", "random"], help="training crops' resizing")
     add("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=("LOW", "HIGH"),
-        help="aspect ratios of the random training crops")
+        help="aspect ratios of the random training crops (default: 3/4 to 4/3)")
     add("--normalize", choices=list(noah.MEAN_STD), help="input mean and std (default: the model's)")
-    add("--train-size", type=bounded(int, ">= 1"), default=2000, help="images per epoch of shapes / fake")
+    add("--train-size", type=bounded(int, ">= 1"), default=2000, help="shapes / fake images per epoch (quick: 5000)")
     add("--val-size", type=bounded(int, ">= 1"), default=500, help="validation images of shapes / fake")
     add("--max-unreadable", type=bounded(float, "in [0, 1]"), default=0.01, help="the share of an epoch's images "
         "that may be unreadable (skipped with a warning; never more than half a batch)")
-    # model
-    add("-a", "--arch", default="resnet18", choices=noah.list_models(), metavar="ARCH",
-        help="one of: " + ", ".join(noah.list_models()))
+    groups.append(p.add_argument_group("model"))
+    add("-a", "--arch", default="resnet18", choices=noah.list_models(), metavar="ARCH", help="the model (listed "
+        "below)")
     add("--use_noah", action=argparse.BooleanOptionalAction, default=False, help="the NOAH head (else the standard)")
     add("--head_num", type=bounded(int, ">= 1"), help="NOAH heads N (default: the paper's for --arch)")
     add("--key_ratio", type=bounded(float, "in (0, 1]"), help="NOAH key ratio r (default: the paper's for --arch)")
@@ -153,22 +162,22 @@ def get_parser():
     add("--head-init", choices=noah.NOAH.INITS, default="scaled", help="NOAH's projections (see noah.NOAH)")
     add("--drop-path", type=bounded(float, "in [0, 1)"), default=0.0, help="stochastic depth (ViT and MLP backbones)")
     add("--drop", type=bounded(float, "in [0, 1)"), default=0.0, help="dropout inside ViT and MLP blocks")
-    # optimization
-    add("--epochs", type=bounded(int, ">= 0"), default=90)
+    groups.append(p.add_argument_group("optimization"))
+    add("--epochs", type=bounded(int, ">= 0"), default=90, help="epochs to train (in all, when resuming)")
     add("--train-batch", type=bounded(int, ">= 1"), default=256, help="global batch, split over the processes")
     add("--test-batch", type=bounded(int, ">= 1"), default=100, help="per process")
-    add("--opt", choices=["sgd", "adamw"], default="sgd")
-    add("--lr", "--learning-rate", type=bounded(float, "> 0"), default=0.1)
+    add("--opt", choices=["sgd", "adamw"], default="sgd", help="the optimizer")
+    add("--lr", "--learning-rate", type=bounded(float, "> 0"), default=0.1, help="peak learning rate")
     add("--momentum", type=bounded(float, "in [0, 1)"), default=0.9, help="SGD momentum")
     add("--opt-eps", type=bounded(float, "> 0"), default=1e-8, help="AdamW epsilon")
-    add("--wd", "--weight-decay", dest="wd", type=bounded(float, ">= 0"), default=1e-4)
+    add("--wd", "--weight-decay", dest="wd", type=bounded(float, ">= 0"), default=1e-4, help="weight decay")
     add("--nowd-bn", action="store_true", help="no weight decay on norm weights and biases")
     add("--lr-decay", choices=["schedule", "cos", "linear"], default="cos", help="per epoch, as the original")
     add("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
     add("--gamma", type=bounded(float, "> 0"), default=0.1, help="'schedule' multiplies the lr by this")
     add("--warmup-epochs", type=bounded(int, ">= 0"), default=0, help="linear warmup from --warmup-lr")
     add("--lr-step-lag", type=bounded(int, ">= 0"), default=0, help="epoch e trains at the lr of epoch e - lag")
-    add("--warmup-lr", type=bounded(float, ">= 0"), default=1e-6)
+    add("--warmup-lr", type=bounded(float, ">= 0"), default=1e-6, help="the lr of the warmup's first epoch")
     add("--min-lr", type=bounded(float, ">= 0"), default=0.0, help="where 'cos' ends")
     add("--clip-grad", type=bounded(float, "> 0"), help="clip the gradient norm to this")
     add("--smoothing", type=bounded(float, "in [0, 1)"), default=0.0, help="label smoothing")
@@ -180,14 +189,14 @@ def get_parser():
     add("--reprob", type=bounded(float, "in [0, 1]"), default=0.0, help="RandomErasing probability")
     add("--repeated-aug", type=bounded(int, ">= 1"), default=1, help="DeiT's repeated augmentation: copies per image")
     add("--model-ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights")
-    add("--ema-decay", type=bounded(float, "in [0, 1)"), default=0.9999)
-    # speed
+    add("--ema-decay", type=bounded(float, "in [0, 1)"), default=0.9999, help="the EMA's weight on its past, per step")
+    groups.append(p.add_argument_group("speed"))
     add("--use_amp", action="store_true", help="automatic mixed precision")
-    add("--amp-dtype", choices=["float16", "bfloat16"], default="float16")
-    add("--channels-last", action="store_true")
+    add("--amp-dtype", choices=["float16", "bfloat16"], default="float16", help="AMP's type (bfloat16: slow on CPUs)")
+    add("--channels-last", action="store_true", help="images and weights in NHWC order (faster with AMP on GPUs)")
     add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="CUDA: float32 in TF32 (matmuls, convs)")
     add("--compile", action="store_true", help="torch.compile the model")
-    # checkpoints and evaluation
+    groups.append(p.add_argument_group("checkpoints and evaluation"))
     add("--pretrained-backbone", help="fine-tune from a checkpoint's backbone (and head, where it fits)")
     add("--backbone-lr-scale", type=bounded(float, ">= 0"), default=1.0, help="the backbone's lr / the head's")
     add("-c", "--checkpoint", default="checkpoints", help="folder of the run (with --resume: the file's, unless given)")
@@ -196,17 +205,24 @@ def get_parser():
     add("--ema", action="store_true", help="--evaluate / --show-pocas: the EMA weights of --resume (--model-ema)")
     add("--manualSeed", type=int, help="random seed (default: drawn at random, saved for --resume)")
     add("--show-pocas", nargs="+", metavar="IMAGE", help="draw where --resume's model finds its top classes")
+    add("--log-interval", type=bounded(float, ">= 0"), default=60.0, help="output that is no terminal (a log): "
+        "seconds between progress lines, one per 20 steps at most (0: every 20 steps)")
     add("--top-k", type=bounded(int, ">= 1"), default=3, help="--show-pocas: the classes to draw per image")
     return p
 
 
 def parse(parser, argv):
-    """parser.parse_args, its errors in one line: '--lr -1: must be > 0'."""
+    """parser.parse_args, its errors in one line: '--lr -1: must be > 0', '--img_size: unknown; did you mean
+    --img-size?'."""
     try:
-        return parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
         flag = next((name for name in (e.argument_name or "").split("/") if name.startswith("--")), e.argument_name)
         raise UserError(f"{flag} {e.message}") from None
+    if unknown:
+        close = difflib.get_close_matches(unknown[0].split("=")[0], parser.flags.values(), n=1, cutoff=0.7)
+        raise UserError(f"{unknown[0]}: unknown" + (f"; did you mean {close[0]}?" if close else "; see --help"))
+    return args
 
 
 def parse_args(argv=None):
@@ -248,10 +264,9 @@ NOT_RESTORED = ("resume", "evaluate", "ema", "show_pocas", "top_k", "pretrained_
 
 
 def restore_arguments(args, argv, checkpoint):
-    """--resume of a train.py checkpoint continues the run it saved: its arguments come back, except those
-    given on the command line, which win (-> a line for each that changes). It writes beside the resumed
-    file, unless --checkpoint names another folder: then the run forks into it, and the original is left as
-    it is."""
+    """--resume of a train.py checkpoint continues the run it saved: its arguments come back, except those given
+    on the command line, which win (-> a line for each that changes). It writes beside the resumed file, unless
+    --checkpoint names another folder: then the run forks into it, and the original is left as it is."""
     saved = checkpoint.get("args") if isinstance(checkpoint, dict) and "config" in checkpoint else None
     if not isinstance(saved, dict):
         return []
@@ -281,9 +296,8 @@ def restore_arguments(args, argv, checkpoint):
 
 @dataclass
 class Processes:
-    """Who this process is: the only one, or one of `world` under torchrun, with its device and how it computes:
-    `amp_dtype` is None (float32, in TF32 where `tf32`) or the dtype of its autocast; `memory_format` is the layout
-    of the model's images. Counts are summed over the processes in `host_group` (None: the default group)."""
+    """Who this process is (the only one, or one of `world` under torchrun), its device and how it computes: `amp_dtype`
+    None (float32, TF32 where `tf32`) or its autocast's; `memory_format` the images'; counts sum over `host_group`."""
 
     distributed: bool
     world: int
@@ -317,9 +331,9 @@ FLOAT16_ON_CPU = "NOAH_FLOAT16_ON_CPU"  # =1: float16 autocast on a CPU as on a 
 
 @contextlib.contextmanager
 def processes(args):
-    """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE; the process
-    group is ended however the run ends. The precision is decided here, for this run on this machine: the
-    flags (and so the checkpoints) keep what the user asked for."""
+    """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE; the group is ended
+    however the run ends. The precision is decided here, for this run on this machine: the flags (and so the
+    checkpoints) keep what the user asked for."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world, rank = (int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])) if distributed else (1, 0)
     device = torch.device("cpu")
@@ -351,9 +365,8 @@ def processes(args):
 
 
 def choose_seed(args, procs):
-    """The run's seed: given, or the resumed run's (restore_arguments brought it back), or drawn by the first
-    process and shared, so that all shuffle alike (else their shares of the data overlap); then the initial
-    weights are drawn from it (DDP copies rank 0's to the others)."""
+    """The run's seed: given, or the resumed run's (restore_arguments brought it back), or drawn by the first process
+    and shared, so that all shuffle alike (else their shares overlap); the initial weights are drawn from it."""
     if args.manualSeed is None:
         drawn = random.randint(1, 10000) if procs.is_main else 0
         args.manualSeed = int(sum_over_processes([drawn], procs)[0])
@@ -505,9 +518,8 @@ def read_checkpoint_file(path):
 
 
 def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
-    """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far (read beside the
-    resumed file, also when the run forks into another folder). A file of another program only gave its
-    weights (in build_model): the run starts at epoch 1."""
+    """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far (read beside the resumed
+    file, also when the run forks). A file of another program only gave its weights: the run starts at epoch 1."""
     if checkpoint is None:
         return 0, 0.0, []
     if "config" not in checkpoint:
@@ -613,44 +625,28 @@ def plot_curves(log, path):
     epochs = [r["epoch"] for r in log]
     for ax, metric, title in zip(axes, ("loss", "top1"), ("loss", "top-1 accuracy (%)")):
         if all(r[f"train_{metric}"] is not None for r in log):  # no train top-1 with MixUp's mixed targets
-            ax.plot(epochs, [r[f"train_{metric}"] for r in log], label="train")
-        ax.plot(epochs, [r[f"val_{metric}"] for r in log], label="validation")
-        ax.set(xlabel="epoch", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.plot(epochs, [r[f"train_{metric}"] for r in log], marker="o", label="train")
+        ax.plot(epochs, [r[f"val_{metric}"] for r in log], marker="o", label="validation")
+        ax.set(xlabel="epoch", title=title, xlim=(epochs[0] - 0.5, epochs[-1] + 0.5))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend()
     fig.savefig(path, dpi=100, format="png")
 
 
-def write_figures(model, args, classes, device):
-    """--show-pocas: for each image, prepared as for evaluation, where the model finds its top classes, into
-    --checkpoint: evidence_<image>.png (noah.show_evidence: POCA and class evidence with NOAH, the class
-    activation map with the standard head), and with NOAH pocas_<image>.png (every head, noah.show_pocas)."""
-    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
-
+def write_figures(model, args, classes):
+    """--show-pocas: noah.save_figures of the images, prepared as for evaluation, into --checkpoint."""
     reason = noah.not_a_sum_over_positions(model)
     if reason:
         raise UserError(f"--show-pocas: {args.arch} has no class activation map, as {reason}; use --use_noah")
     transform, (mean, std) = data.build_transforms(args, train=False), noah.MEAN_STD[args.normalize]
-    paths, stems = [], collections.Counter()
-    for image_path in args.show_pocas:
-        try:
-            image = transform(Image.open(image_path).convert("RGB")).to(device)
-        except OSError as e:
-            raise UserError(f"cannot read the image {image_path}: {e}") from None
-        figures = {"evidence": noah.show_evidence({"NOAH" if args.use_noah else "GAP + FC": model}, image, classes,
-                                                  args.top_k, mean, std)}
-        if args.use_noah:
-            figures["pocas"] = noah.show_pocas(model, image, classes, args.top_k, mean, std)
-        stem = os.path.splitext(os.path.basename(image_path))[0]
-        stems[stem] += 1  # a/gray.png, b/gray.png -> gray, gray_2
-        stem += f"_{stems[stem]}" * (stems[stem] > 1)
-        for kind, figure in figures.items():
-            paths.append(os.path.join(args.checkpoint, f"{kind}_{stem}.png"))
-            figure.savefig(paths[-1], dpi=110)
-            plt.close(figure)  # pyplot would keep every figure of a long list of images in memory
-            print(f"{image_path} -> {paths[-1]}")
-    return paths
+    try:
+        written = noah.save_figures(model, args.show_pocas, args.checkpoint, transform, classes, args.top_k, mean, std)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    for image_path, path in written:
+        print(f"{image_path} -> {path}")
+    return [str(path) for _, path in written]
 
 
 # --- 5. The run: one epoch of training, evaluation, and main -------------------------------------------------------
@@ -668,7 +664,8 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     net.train()
-    started, seen, unreadable, looked = time.time(), 0, 0, 0  # seen: all processes' images; looked: steps checked
+    started, seen, unreadable, looked, said = time.time(), 0, 0, 0, time.time()  # seen: all processes' images;
+    # looked: the last step whose loss was read; said: when the last progress line was printed
     sums = torch.zeros(2, dtype=torch.float64, device=procs.device)  # loss x images, top-1 hits (moot with MixUp)
     epoch_images, steps = len(loader) * loader.batch_size * procs.world, len(loader)
     bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
@@ -682,6 +679,10 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         if look:
             stop_if_not_finite(loss_sum, f"loss at epoch {epoch + 1}, steps {looked + 1} to {step} of {steps}", args)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.3g}")
+            if procs.is_main and not sys.stdout.isatty() and time.time() - said >= args.log_interval:  # a log:
+                said, left = time.time(), (time.time() - started) * (steps - step) / step  # a line, tqdm's bar is off
+                print(f"  epoch {epoch + 1}/{args.epochs}  step {step}/{steps}  {seen / (said - started):.0f} img/s  "
+                      f"loss {loss_sum / seen:.4f}  lr {lr:.4g}  ETA {left // 60:.0f}:{left % 60:02.0f}", flush=True)
             looked = step
         seen += readable
         images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
@@ -796,8 +797,7 @@ def evaluate_and_report(net, loader, procs):
     """--evaluate: top-1 and top-5 printed as the original prints them, and as a sentence."""
     result = evaluate(net, loader, procs)
     if not math.isfinite(result["loss"]):
-        raise UserError(f"the validation loss is {result['loss']}: the model's outputs are not finite, so its "
-                        f"accuracy would mean nothing")
+        raise UserError(f"the validation loss is {result['loss']}: the model's outputs are not finite (so no accuracy)")
     procs.print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
                 f"top-5 {result['top5']:.2f}% on {result['images']} images")
     return result
@@ -838,7 +838,7 @@ def main(argv=None):
         procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
                     f"classes, {procs.world} process(es) on {procs.device.type}, {procs.precision}")
         if args.show_pocas:
-            return write_figures(model, args, classes, procs.device) if procs.is_main else []
+            return write_figures(model, args, classes) if procs.is_main else []
         net = wrap_model(model, args, procs)
         train_loader, val_loader = data.build_loaders(args, train_set, val_set, procs.world, procs.rank,
                                                       pin=procs.device.type == "cuda")

@@ -149,7 +149,7 @@ def test_resumed_arguments_are_restored_and_flags_given_override_them():
     assert (args.arch, args.img_size, args.data, args.epochs, args.workers) == ("resnet50", 32, "D", 5, 0)
     assert (args.resume, args.checkpoint) == ("run/checkpoint.pth.tar", "run")  # written beside the resumed file
     assert sorted(overrides) == ["--epochs 5 overrides the resumed run's 3",
-                                 "--workers 0 overrides the resumed run's 4"]
+                                 f"--workers 0 overrides the resumed run's {saved['workers']}"]
 
 
 # --- data ---------------------------------------------------------------------------------------------------------
