@@ -126,7 +126,7 @@ def image_folders(root, train_tf, val_tf):
         folder = os.path.join(root, split)
         if not os.path.isdir(folder):
             raise UserError(f"no folder {folder}: --data must hold train/ and val/, each with one sub-folder of "
-                            f"images per class (for ImageNet, see the README's 'Data' section)")
+                            f"images per class (for ImageNet, see the README's 'Training': 'ImageNet')")
         try:
             folders.append(datasets.ImageFolder(folder, transform, loader=read_image))
         except (FileNotFoundError, RuntimeError) as e:

@@ -66,9 +66,9 @@ RECIPES = dict(resnet=RESNET, mobilenetv2=MOBILENETV2, mobilenetv3=MOBILENETV3, 
 
 
 def make_presets():
-    """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the
-    standard head. `quick` is the run of `python train.py` with no arguments; `shapes` trains the model
-    of the notebooks, whose 4x4 POCA maps (128-pixel images) are fine enough to find the objects."""
+    """`noah_<model>` trains a model with NOAH (the paper's N and r), `<model>` the same recipe with the standard
+    head. `quick` is the run of `python train.py` with no arguments; `shapes` trains the notebooks' model (4x4 POCA
+    maps at 128 pixels, fine enough to find the objects); `imagenette` is the fast check on real photos."""
     small = dict(use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos", train_batch=64, manualSeed=0)
     on_shapes = dict(small, dataset="shapes", train_size=5000, workers=1)
     presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3,
@@ -77,9 +77,11 @@ def make_presets():
                               checkpoint="./checkpoints/shapes"),
                "imagenette": dict(small, dataset="imagenette", arch="resnet18", img_size=128, epochs=20, lr=2e-3,
                                   smoothing=0.1, checkpoint="./checkpoints/imagenette")}
-    for name in noah.list_models():
-        entry = noah.MODELS[name]
-        recipe = dict(RECIPES[entry.family], arch=name)  # a KeyError here: a family of noah.MODELS without a recipe
+    for name, entry in noah.MODELS.items():
+        if entry.family not in RECIPES:
+            raise ValueError(f"model {name} belongs to the family {entry.family!r}, which has no training recipe: "
+                             f"add one to train.RECIPES (known: {', '.join(RECIPES)})")
+        recipe = dict(RECIPES[entry.family], arch=name)
         presets[f"noah_{name}"] = dict(recipe, use_noah=True, head_num=entry.head_num, key_ratio=entry.key_ratio,
                                        checkpoint=f"./checkpoints/noah_{name}")
         presets[name] = dict(recipe, use_noah=False, checkpoint=f"./checkpoints/{name}")
@@ -106,11 +108,6 @@ def bounded(kind, bound):
     return parse
 
 
-HELP_END = """presets (--preset NAME): quick (python train.py's), shapes, imagenette (small runs), and for each model
-below, noah_<model> (its paper's recipe with NOAH, N and r) and <model> (with the standard head). Models by family:
-"""
-
-
 def get_parser():
     """The flags; `parser.flags` maps each destination to the flag a user types ('train_batch': '--train-batch').
     The original's flags keep their spelling (--use_noah, --manualSeed), and each has a hyphenated twin."""
@@ -121,8 +118,11 @@ def get_parser():
     p = argparse.ArgumentParser(usage="python train.py [--preset NAME] [--data DIR] [flags]   (or torchrun ... "
                                 "train.py ...)", description="Train or evaluate a model of noah.py. The original's "
                                 "flags with _ or capitals also take\nhyphens: --use-noah, --head-num, --key-ratio, "
-                                "--use-amp, --manual-seed.",
-                                epilog=HELP_END + "\n".join(families), exit_on_error=False,
+                                "--use-amp, --manual-seed.", epilog="presets (--preset NAME): quick (python train.py's)"
+                                ", shapes, imagenette (small runs), and for each model\nbelow, noah_<model> (its "
+                                "paper's recipe with NOAH, N and r) and <model> (with the standard head). Models by "
+                                "family:\n"
+                                + "\n".join(families), exit_on_error=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.flags, groups = {}, [p]
 
@@ -212,8 +212,7 @@ def get_parser():
 
 
 def parse(parser, argv):
-    """parser.parse_args, its errors in one line: '--lr -1: must be > 0', '--img_size: unknown; did you mean
-    --img-size?'."""
+    """parser.parse_args, its errors in one line ('--lr -1: must be > 0', '--img_size: unknown; did you mean ...?')."""
     try:
         args, unknown = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
@@ -238,8 +237,7 @@ def parse_args(argv=None):
     if scales_lr_with_batch(preset, explicit_flags(argv)):
         args.lr = DEIT_LR_PER_512 * args.train_batch / 512  # the original scales the lr with the global batch
     args.dataset = args.dataset or "imagenet"
-    if args.img_size is None:
-        args.img_size = {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
+    args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
     entry = noah.MODELS[args.arch]
     args.normalize = args.normalize or entry.normalize
     args.crop_pct = entry.crop_pct if args.crop_pct is None else args.crop_pct
@@ -611,17 +609,15 @@ def log_epoch(log, record, folder, epochs):
         save_atomically(lambda tmp: plot_curves(log, tmp), os.path.join(folder, "curves.png"))
     except UserError as e:
         raise UserError(f"{e}; the checkpoint of epoch {record['epoch']} is saved") from None
-    skipped = record["unreadable_train_images"]
-    print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  "
-          f"val loss {record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
-          f"{record['images_per_s']:.0f} img/s" + (f"  {skipped} unreadable training images skipped" * bool(skipped)),
-          flush=True)
+    n = record["unreadable_train_images"]
+    print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  val loss "
+          f"{record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
+          f"{record['images_per_s']:.0f} img/s" + f"  {n} unreadable training images skipped" * bool(n), flush=True)
 
 
 def plot_curves(log, path):
     """Loss and top-1 against epochs, from the JSON-lines log, as a PNG (a bare Figure: no pyplot, no backend)."""
-    fig = Figure(figsize=(10, 3.8), layout="tight")
-    axes = fig.subplots(1, 2)
+    axes = Figure(figsize=(10, 3.8), layout="tight").subplots(1, 2)
     epochs = [r["epoch"] for r in log]
     for ax, metric, title in zip(axes, ("loss", "top1"), ("loss", "top-1 accuracy (%)")):
         if all(r[f"train_{metric}"] is not None for r in log):  # no train top-1 with MixUp's mixed targets
@@ -631,7 +627,7 @@ def plot_curves(log, path):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.savefig(path, dpi=100, format="png")
+    axes[0].figure.savefig(path, dpi=100, format="png")
 
 
 def write_figures(model, args, classes):
@@ -664,8 +660,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     net.train()
-    started, seen, unreadable, looked, said = time.time(), 0, 0, 0, time.time()  # seen: all processes' images;
-    # looked: the last step whose loss was read; said: when the last progress line was printed
+    started, seen, unreadable, looked, last_line = time.time(), 0, 0, 0, time.time()  # seen: all processes' images
     sums = torch.zeros(2, dtype=torch.float64, device=procs.device)  # loss x images, top-1 hits (moot with MixUp)
     epoch_images, steps = len(loader) * loader.batch_size * procs.world, len(loader)
     bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
@@ -679,16 +674,12 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         if look:
             stop_if_not_finite(loss_sum, f"loss at epoch {epoch + 1}, steps {looked + 1} to {step} of {steps}", args)
             bar.set_postfix(loss=f"{loss_sum / seen:.3f}", lr=f"{lr:.3g}")
-            if procs.is_main and not sys.stdout.isatty() and time.time() - said >= args.log_interval:  # a log:
-                said, left = time.time(), (time.time() - started) * (steps - step) / step  # a line, tqdm's bar is off
-                print(f"  epoch {epoch + 1}/{args.epochs}  step {step}/{steps}  {seen / (said - started):.0f} img/s  "
-                      f"loss {loss_sum / seen:.4f}  lr {lr:.4g}  ETA {left // 60:.0f}:{left % 60:02.0f}", flush=True)
+            if procs.is_main and not sys.stdout.isatty() and time.time() - last_line >= args.log_interval:
+                last_line = progress_line(epoch, step, steps, seen, loss_sum, lr, started, args)  # a log: no bar
             looked = step
         seen += readable
         images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
-        targets = labels
-        if mixup_cutmix is not None:
-            images, targets = mixup_cutmix(images, labels)  # soft targets
+        images, targets = (images, labels) if mixup_cutmix is None else mixup_cutmix(images, labels)  # soft targets
         images = images.contiguous(memory_format=procs.memory_format)  # after MixUp: on a GPU its roll drops it
         with procs.autocast():
             logits = net(images)
@@ -708,6 +699,15 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     seconds = time.time() - started  # train top-1: on augmented images, in train mode
     return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
                 images_per_s=seen / seconds, seconds=seconds, unreadable_train_images=int(unreadable))
+
+
+def progress_line(epoch, step, steps, seen, loss_sum, lr, started, args):
+    """Print the epoch's progress as a line, for a log where tqdm's bar is off -> when."""
+    now = time.time()
+    left = (now - started) * (steps - step) / step
+    print(f"  epoch {epoch + 1}/{args.epochs}  step {step}/{steps}  {seen / (now - started):.0f} img/s  loss "
+          f"{loss_sum / seen:.4f}  lr {lr:.4g}  ETA {left // 60:.0f}:{left % 60:02.0f}", flush=True)
+    return now
 
 
 def reseed(seed, epoch, rank):
