@@ -58,12 +58,12 @@ def test_a_mistyped_flag_gets_one_line_with_the_closest_real_one(argv, message):
 
 
 def test_a_run_into_a_log_prints_progress_lines_during_the_epoch(tmp_path, capsys):
-    common = ["--dataset", "shapes", "--arch", "mobilenetv3_small", "--img-size", "32", "--train-size", "90",
-              "--val-size", "8", "--train-batch", "2", "--epochs", "1", "--workers", "0", "--checkpoint", str(tmp_path)]
+    common = ["--dataset", "shapes", "--img-size", "32", "--train-size", "82", "--val-size", "8", "--train-batch", "2",
+              "--lr", "0.01", "--manualSeed", "0", "--epochs", "1", "--workers", "0", "--checkpoint", str(tmp_path)]
     train.main(common + ["--log-interval", "0"])  # capsys: stdout is no terminal, as in a log
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch")]
-    assert len(lines) == 2  # 45 steps: the loss is read at steps 20 and 40
-    assert re.fullmatch(r"  epoch 1/1  step 20/45  \d+ img/s  loss \d+\.\d{4}  lr 0\.1  ETA \d+:\d\d", lines[0])
+    assert len(lines) == 2  # 41 steps: the loss is read at steps 20 and 40
+    assert re.fullmatch(r"  epoch 1/1  step 20/41  \d+ img/s  loss \d+\.\d{4}  lr 0\.01  ETA \d+:\d\d", lines[0])
     train.main(common + ["--log-interval", "3600", "--checkpoint", str(tmp_path / "quiet")])
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch")]
 
