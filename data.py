@@ -193,7 +193,7 @@ def download_imagenette(root, name):
     if not os.path.isdir(os.path.join(partial, name)):
         raise UserError(f"{url} holds no folder {name}/, as Imagenette's archive does")
     os.replace(os.path.join(partial, name), os.path.join(root, name))
-    os.rmdir(partial)
+    shutil.rmtree(partial)  # what else the archive held beside the folder
     return os.path.join(root, name)
 
 
