@@ -149,9 +149,8 @@ def download(make, url, placement):
 
 
 IMAGENETTE = {"160px": "imagenette2-160", "320px": "imagenette2-320", "full": "imagenette2"}  # size: folder
-IMAGENETTE_CLASSES = {"n01440764": "tench", "n02102040": "English springer", "n02979186": "cassette player",
-                      "n03000684": "chain saw", "n03028079": "church", "n03394916": "French horn", "n03417042":
-                      "garbage truck", "n03425413": "gas pump", "n03445777": "golf ball", "n03888257": "parachute"}
+IMAGENETTE_CLASSES = {wnid: noah.imagenet_names()[wnid] for wnid in ("n01440764", "n02102040", "n02979186",
+                      "n03000684", "n03028079", "n03394916", "n03417042", "n03425413", "n03445777", "n03888257")}
 IMAGENETTE_URL = "NOAH_IMAGENETTE_URL"  # environment variable: where the archives are, if not at fastai's (a mirror)
 
 
@@ -198,10 +197,8 @@ def download_imagenette(root, name):
 
 
 def imagenet_classes():
-    """The 1000 ImageNet class names, as torchvision ships them (no download)."""
-    from torchvision.models import ResNet50_Weights  # the model zoo's import is slow, and only this needs it
-
-    return ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    """The 1000 ImageNet class names in ImageNet's order, torchvision's names (docs/imagenet_classes.txt)."""
+    return list(noah.imagenet_names().values())
 
 
 # --- Transforms ----------------------------------------------------------------------------------------------------

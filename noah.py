@@ -1153,7 +1153,8 @@ def region_box_iou(masks, boxes, cell):
         labels = spread
     t, y, x = masks.nonzero(as_tuple=True)
     ids, region = torch.unique(t * (gh * gw + 1) + labels[t, y, x].long(), return_inverse=True)  # (threshold, label)
-    edge = lambda values, how: torch.zeros(len(ids)).scatter_reduce(0, region, values.float(), how, include_self=False)
+    edge = lambda values, how: torch.zeros(len(ids), device=masks.device).scatter_reduce(0, region, values.float(), how,
+                                                                                         include_self=False)
     x0, y0 = edge(x, "amin") * cell[1], edge(y, "amin") * cell[0]
     x1, y1 = (edge(x, "amax") + 1) * cell[1], (edge(y, "amax") + 1) * cell[0]
     truth = box_sets(boxes[None])[0]  # (M, 4)
@@ -1162,7 +1163,7 @@ def region_box_iou(masks, boxes, cell):
                * (torch.minimum(y1[:, None], ty1) - torch.maximum(y0[:, None], ty0)).clamp(min=0))
     union = ((x1 - x0) * (y1 - y0))[:, None] + (tx1 - tx0) * (ty1 - ty0) - overlap
     iou = (overlap / union).nan_to_num(0).amax(dim=1)  # (regions,): each region's best
-    return torch.zeros(T).scatter_reduce(0, ids // (gh * gw + 1), iou, "amax")  # each threshold's best region
+    return torch.zeros(T, device=masks.device).scatter_reduce(0, ids // (gh * gw + 1), iou, "amax")  # best region
 
 
 def along_runs(labels, masks):
