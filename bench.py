@@ -362,6 +362,15 @@ def summarize(paths):
         print(f"{first['section']:24s} {first['name'][:72]:72s} {first['precision']}: {'; '.join(figures)}")
 
 
+def loader_against_model(args, rows, models, variant, batch):
+    """Section 5, beside section 1's training speed of ResNet50 (or the first model)."""
+    trained = "resnet50" if "resnet50" in models else models[0]
+    step = next(r for r in rows if r["name"] == f"{trained} train step" and r["dtype"] == variant.dtype
+                and r["compile"] == variant.compile)
+    return data_pipeline([0, 2] if args.quick else [0, 2, 4, 8, 16], variant, batch, args.img_size, trained,
+                         batch / (step["median_ms"] / 1000))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -374,12 +383,16 @@ def main():
                         "DeiT-S and Mixer-S)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: float32 matrix products and convolutions in TF32, as train.py by default")
+    parser.add_argument("--sections", nargs="+", type=int, choices=range(1, 6), default=[1, 2, 3, 4, 5], metavar="N",
+                        help="run only these sections, e.g. --sections 1 2 (default: all five; 5 needs 1)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="only summarize runs written with --json")
     args = parser.parse_args()
     if args.summarize:
         return summarize(args.summarize)
     device = torch.device(args.device)
+    if 5 in args.sections and 1 not in args.sections:
+        parser.error("--sections 5 compares the loader with section 1's training step: add 1")
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is visible to PyTorch here")
     batch = args.batch or (8 if device.type == "cpu" else 128)
@@ -392,17 +405,16 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32  # one policy for all rows
         variants += [Variant(device, "bfloat16", channels_last=True), Variant(device, "bfloat16", True, compile=True)]
 
-    rows = []
+    rows, sections = [], set(args.sections)
     for variant in variants:
-        rows += head_overhead(models, variant, batch, args.img_size, repeats, warmup)
-        rows += head_implementation(variant, batch * (4 if device.type == "cpu" else 2), repeats * 2, warmup)
-        rows += backbones(models, variant, batch, args.img_size, repeats, warmup)
-    rows += memory(models, variants[-1] if device.type == "cuda" else variants[0], batch, args.img_size)
-    trained = "resnet50" if "resnet50" in models else models[0]  # the loader is compared with its training speed
-    step = next(r for r in rows if r["name"] == f"{trained} train step" and r["dtype"] == variants[-1].dtype
-                and r["compile"] == variants[-1].compile)
-    rows += data_pipeline([0, 2] if args.quick else [0, 2, 4, 8, 16], variants[-1], batch, args.img_size, trained,
-                          batch / (step["median_ms"] / 1000))
+        rows += head_overhead(models, variant, batch, args.img_size, repeats, warmup) if 1 in sections else []
+        if 2 in sections:
+            rows += head_implementation(variant, batch * (4 if device.type == "cpu" else 2), repeats * 2, warmup)
+        rows += backbones(models, variant, batch, args.img_size, repeats, warmup) if 3 in sections else []
+    if 4 in sections:
+        rows += memory(models, variants[-1] if device.type == "cuda" else variants[0], batch, args.img_size)
+    if 5 in sections:
+        rows += loader_against_model(args, rows, models, variants[-1], batch)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
