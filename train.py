@@ -704,9 +704,9 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
 def progress_line(epoch, step, steps, seen, loss_sum, lr, started, args):
     """Print the epoch's progress as a line, for a log where tqdm's bar is off -> when."""
     now = time.time()
-    left = (now - started) * (steps - step) / step
+    left = round((now - started) * (steps - step) / step)  # whole seconds, so that 59.7 s reads 1:00, not 0:60
     print(f"  epoch {epoch + 1}/{args.epochs}  step {step}/{steps}  {seen / (now - started):.0f} img/s  loss "
-          f"{loss_sum / seen:.4f}  lr {lr:.4g}  ETA {left // 60:.0f}:{left % 60:02.0f}", flush=True)
+          f"{loss_sum / seen:.4f}  lr {lr:.4g}  ETA {left // 60}:{left % 60:02d}", flush=True)
     return now
 
 

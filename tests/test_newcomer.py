@@ -1,7 +1,9 @@
 """What a newcomer meets first: the help screen, the flags' spellings, a mistyped flag, a run's progress in a
 log, the curves of a short run, the loaders' default, and class names for ImageNet's folder names."""
+import argparse
 import os
 import re
+import time
 
 import matplotlib
 import pytest
@@ -66,6 +68,13 @@ def test_a_run_into_a_log_prints_progress_lines_during_the_epoch(tmp_path, capsy
     assert re.fullmatch(r"  epoch 1/1  step 20/41  \d+ img/s  loss \d+\.\d{4}  lr 0\.01  ETA \d+:\d\d", lines[0])
     train.main(common + ["--log-interval", "3600", "--checkpoint", str(tmp_path / "quiet")])
     assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("  epoch")]
+
+
+@pytest.mark.parametrize("seconds_left, shown", [(59.7, "ETA 1:00"), (59.2, "ETA 0:59"), (3599.6, "ETA 60:00")])
+def test_the_progress_line_rounds_the_time_left_to_whole_seconds(seconds_left, shown, capsys):
+    args = argparse.Namespace(epochs=1)
+    train.progress_line(0, 1, 2, 64, 64.0, 0.01, time.time() - seconds_left, args)  # one step of two: left = elapsed
+    assert capsys.readouterr().out.rstrip().endswith(shown)
 
 
 def test_the_curves_of_a_one_epoch_run_show_a_point_at_epoch_one(tmp_path, monkeypatch):
