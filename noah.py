@@ -18,7 +18,8 @@ look for itself where in the image it is. Read this file top to bottom:
 Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
 `head` that turns that map into logits: `model(x) == model.head(model.forward_features(x))`.
 Token backbones lay their patch tokens out as such a map, so one NOAH module serves them all.
-Shapes in comments use B batch, C channels, H x W positions (L = H*W), N heads, K classes.
+Shapes in comments use B batch, C channels, H x W positions of the feature map (L = H*W), N heads, K
+classes; an image is (3, height, width) pixels.
 """
 import argparse
 import csv
@@ -62,40 +63,45 @@ class HeadwiseLinear(nn.Module):
 class NOAH(nn.Module):
     """The Non-glObal Attentive Head: logits from Pairwise Object Category Attentions (POCAs).
 
-    Given the last feature map x of shape (B, C, H, W):
+    Each class has, in each head, a learned *query*: a vector that is scored against the key at every
+    position, as in attention (`self.query` holds them all, the original's name). From the last feature
+    map x (B, C, H, W), `forward` computes, one line per step:
 
-    1. Split, two levels. The first int(C * key_ratio) channels are keys, the rest values; keys and
-       values are each split into N = head_num groups, the heads:
+    1. Split, two levels. The first Ck = int(C * key_ratio) channels are keys, the other Cv = C - Ck
+       values; keys and values are each cut into N = head_num groups, the heads:
            keys (B, N, Ck/N, L)    values (B, N, Cv/N, L)
-    2. Interaction. In each head a 1x1 projection of the keys gives one score per class and
-       position; a softmax over the L positions turns each class's scores into a spatial
-       attention map, the POCA of that class in that head:
+    2. Interaction. In each head, every class's query scored against the keys (a 1x1 projection: the
+       queries are the rows of Wq) gives one score per class and position; a softmax over the L positions
+       turns each class's scores into a spatial attention map, the POCA of that class in that head. A 1x1
+       projection of the values (Wv) gives each class a value at each position:
            A = softmax_L(Wq keys + bq)                        (B, N, K, L), sums to 1 over L
-       A 1x1 projection of the values gives each class a value at each position:
            V = dropout(Wv values + bv)                        (B, N, K, L)
     3. Aggregation. Each class's logit is its values weighted by its attention, summed over
        positions and heads:
            logit[b, k] = sum_n sum_l A[b, n, k, l] * V[b, n, k, l]      (B, K)
 
-    A GAP + FC head weighs every position equally (A = 1/L everywhere) and shares that weighting
-    among all classes; NOAH learns a separate weighting per class and head. It has K * C + 2 * N * K
-    parameters against GAP + FC's K * C + K: (2N - 1) * K more, 7,000 for N = 4 and 1000 classes.
+    With uniform attention (A = 1/L everywhere) the keys drop out and NOAH is GAP + FC over the value
+    channels alone: their average over positions, then one linear layer. NOAH learns a separate weighting
+    per class and head. It has K * C + 2 * N * K parameters against K * C + K for GAP + FC over all C
+    channels: (2N - 1) * K more, 7,000 for N = 4 and 1000 classes.
 
-    Layout. The formula reads naturally in (B, N, K, L), but the code keeps the heads first and the
+    Layout. The formula reads naturally in (B, N, K, L), but `forward` keeps the heads first and the
     positions of the whole batch last: keys (N, Ck/N, B*L), scores (N, K, B*L). Each projection is then
     one batched matrix product over the heads with its bias fused in, nothing is permuted after the
-    split, and softmax and sum run over the contiguous last axis. Tensors of K * N * B * L numbers are
-    the head's whole cost, so this layout is what makes it fast (bench.py, section 2, measures it
-    against the original's grouped 1x1 convolutions). `poca_maps` returns the usual (B, N, K, H, W).
+    split, and the softmax runs over the contiguous last axis. Tensors of K * N * B * L numbers are the
+    head's whole cost, so this layout is what makes it fast (bench.py, section 2, measures it against the
+    original's grouped 1x1 convolutions). The maps it returns are in the usual (B, N, K, H, W).
 
     Initialization. The original builds both projections as grouped 1x1 convolutions initialized Kaiming
     normal in fan-out mode: std = sqrt(2 / (N * K)). Its per-weight scale so grows as the class count K
-    shrinks (x 13 from K = 1000 to K = 6): on a few classes the logits start large, far from ln K, and the
-    quick runs train from a handicap. `init="scaled"` (the default) draws the same numbers at the scale they
-    have for K = 1000, whatever K: std = sqrt(2 / (N * 1000)), the original's exactly at K = 1000.
-    `init="original"` keeps the original's for any K. Two more, which docs/init.md measures against them:
-    "linear" draws at the scale of a linear layer's default, std = 1 / sqrt(3 D) for D inputs per head, and
-    "zero_value" draws the keys' projection as "scaled" and starts the values' at zero (all logits 0).
+    shrinks (x 13 from K = 1000 to K = 6): on a few classes the logits start large, and the first loss far
+    above ln K, the loss of a model that knows nothing; the quick runs train from a handicap.
+    `init="scaled"` (the default) draws the same numbers at the scale they have for K = 1000, whatever K:
+    std = sqrt(2 / (N * 1000)), the original's exactly at K = 1000. `init="original"` keeps the original's
+    for any K. Two more, which docs/init.md measures against them: "linear" draws at the scale of a linear
+    layer's default, std = 1 / sqrt(3 D) for D inputs per head, and "zero_value" draws the keys' projection
+    as "scaled" and starts the values' at zero (all logits 0). The MLP models (Mixer, gMLP) then draw both
+    projections again, LeCun normal as the original does (`init_mixer_weights`), so `init` changes nothing there.
     """
 
     INITS = ("scaled", "original", "linear", "zero_value")
@@ -132,35 +138,35 @@ class NOAH(nn.Module):
             return 1 / math.sqrt(3 * in_dim)
         return math.sqrt(2.0 / (self.head_num * self.INIT_CLASSES))  # "scaled", and the keys of "zero_value"
 
-    def split(self, x):
-        """(B, C, H, W) -> keys (N, Ck/N, B*L), values (N, Cv/N, B*L): heads first, positions last."""
-        to_heads = lambda part: rearrange(part, "b (n d) h w -> n d (b h w)", n=self.head_num)
-        return to_heads(x[:, : self.key_channels]), to_heads(x[:, self.key_channels:])
+    def forward(self, x, maps=False):
+        """(B, C, H, W) -> logits (B, K); with maps=True, (logits, POCAs, evidence), the maps (B, N, K, H, W)."""
+        batch, _, H, W = x.shape
+        per_image = partial(rearrange, pattern="n k (b l) -> n k b l", b=batch)
+        # 1. split: keys and values, each into N heads (the heads first, every position of the batch last)
+        keys = rearrange(x[:, : self.key_channels], "b (n d) h w -> n d (b h w)", n=self.head_num)  # (N, Ck/N, B*L)
+        values = rearrange(x[:, self.key_channels:], "b (n d) h w -> n d (b h w)", n=self.head_num)  # (N, Cv/N, B*L)
+        # 2. interaction: each class's query in each head scored against the key at every position,
+        scores = per_image(self.query(keys))                  # (N, K, B, L)
+        #    a softmax over each image's positions (the POCAs), and each class's value at every position
+        attention = scores.softmax(dim=-1)                    # (N, K, B, L), sums to 1 over L
+        values = per_image(self.dropout(self.value(values)))  # (N, K, B, L)
+        # 3. aggregation: attention times value, summed over the heads and the positions
+        evidence = attention * values                         # (N, K, B, L)
+        logits = reduce(evidence, "n k b l -> b k", "sum")    # (B, K)
+        if not maps:
+            return logits
+        as_maps = partial(rearrange, pattern="n k b (h w) -> b n k h w", h=H, w=W)
+        return logits, as_maps(attention), as_maps(evidence)
 
-    def attend(self, keys, batch):
-        """Keys (N, Ck/N, B*L) -> POCAs (N, K, B, L): per head, class and image, a softmax over positions."""
-        return rearrange(self.query(keys), "n k (b l) -> n k b l", b=batch).softmax(dim=-1)
-
-    def weighted_values(self, x):
-        """(B, C, H, W) -> attention x value (N, K, B, L): what each head gives each class at each position."""
-        batch = x.shape[0]
-        keys, values = self.split(x)
-        attention = self.attend(keys, batch)  # (N, K, B, L)
-        values = rearrange(self.dropout(self.value(values)), "n k (b l) -> n k b l", b=batch)  # (N, K, B, L)
-        return attention * values
-
-    def forward(self, x):
-        return reduce(self.weighted_values(x), "n k b l -> b k", "sum")
+    def pocas(self, x):
+        """Every class's POCA in every head, on the feature map's grid: (B, C, H, W) -> (B, N, K, H, W),
+        each map summing to 1 over its H x W positions."""
+        return self(x, maps=True)[1]
 
     def evidence(self, x):
-        """Each head's evidence for each class at each position: (B, C, H, W) -> (B, N, K, H, W), which sums
-        over heads and positions to the logits."""
-        return rearrange(self.weighted_values(x), "n k b (h w) -> b n k h w", h=x.shape[-2])
-
-    def poca_maps(self, x):
-        """The POCAs as maps, from the same split and projection as forward: (B, C, H, W) -> (B, N, K, H, W)."""
-        keys, _ = self.split(x)
-        return rearrange(self.attend(keys, x.shape[0]), "n k b (h w) -> b n k h w", h=x.shape[-2])
+        """Each head's evidence for each class at each position, attention x value: (B, C, H, W) ->
+        (B, N, K, H, W), which sums over heads and positions to the logits."""
+        return self(x, maps=True)[2]
 
 
 def check_head_num(head_num, key_channels, value_channels):
@@ -187,7 +193,7 @@ class GAPHead(nn.Module):
 
 
 def build_head(head, in_channels, num_classes=1000, **head_args):
-    """`head="noah"` (head_num, key_ratio, dropout) or `head="gap"` (dropout) on a C-channel map."""
+    """`head="noah"` (head_num, key_ratio, dropout, init: see NOAH) or `head="gap"` (dropout) on a C-channel map."""
     heads = {"noah": NOAH, "gap": GAPHead}
     if head not in heads:
         raise ValueError(f"unknown head {head!r}; choose one of {sorted(heads)}")
@@ -520,7 +526,7 @@ class DropPath(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Cut the image into patches and embed each: (B, 3, H, W) -> tokens (B, h*w, C) and the grid (h, w)."""
+    """Cut the image into patches and embed each: (B, 3, height, width) -> tokens (B, H*W, C) and the grid (H, W)."""
 
     def __init__(self, in_channels, dim, patch_size, norm=False):
         super().__init__()
@@ -1019,23 +1025,23 @@ def evaluating(model):
 
 
 def poca_maps(model, images, classes=None, upsample=True):
-    """The POCA maps of one class per image, in every head, from a model with the NOAH head.
+    """For pictures: the POCAs of one class per image, in every head, from a model with the NOAH head.
 
-    images: (B, 3, H, W), normalized as the model expects. classes: None for each image's predicted class,
-    an int, or a (B,) tensor. Returns (maps, classes, logits): maps (B, N, H, W) upsampled bilinearly to
-    the image (or (B, N, h, w) on the feature grid with upsample=False), each head's map summing to 1 over
-    the grid; the classes shown (B,); the logits (B, K). The model is run in eval mode.
+    images: (B, 3, height, width) pixels, normalized as the model expects. classes: None for each image's
+    predicted class, an int, or a (B,) tensor. Returns (maps, classes, logits): maps (B, N, height, width),
+    each head's map of the class on the feature grid upsampled bilinearly to the image's pixels (a picture
+    of it: upsampled, a map no longer sums to 1), or with upsample=False the maps themselves, (B, N, H, W)
+    on the feature grid, each summing to 1 over its H x W positions (`NOAH.pocas` has every class's);
+    the classes shown (B,); the logits (B, K). The model is run in eval mode.
     """
     if not isinstance(model.head, NOAH):
         raise ValueError("POCA maps come from the NOAH head; this model has the standard head")
     with evaluating(model):
-        features = model.forward_features(images)
-        logits = model.head(features)
-        maps = model.head.poca_maps(features)  # (B, N, K, h, w)
+        logits, maps, _ = model.head(model.forward_features(images), maps=True)  # maps (B, N, K, H, W)
     if classes is None:
         classes = logits.argmax(dim=1)
     classes = torch.as_tensor(classes, device=maps.device).expand(len(images))
-    maps = maps[torch.arange(len(images)), :, classes]  # (B, N, h, w)
+    maps = maps[torch.arange(len(images)), :, classes]  # (B, N, H, W)
     if upsample:
         maps = nn.functional.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
     return maps, classes, logits
@@ -1087,10 +1093,10 @@ def box_sets(boxes):
 
 def evidence_in_box(maps, boxes, image_size):
     """A threshold-free localization score: the share of each map's positive mass that lies inside the object's
-    boxes. maps: (B, h, w) on the feature grid; boxes: see `box_sets`, in pixels of an image of image_size
-    (H, W). A grid cell counts by the fraction of its area the boxes cover (their union); a uniform map scores
+    boxes. maps: (B, H, W) on the feature grid; boxes: see `box_sets`, in pixels of an image of image_size
+    (height, width). A grid cell counts by the fraction of its area the boxes cover (their union); a uniform map scores
     the boxes' share of the image. Returns (B,) in [0, 1]."""
-    (H, W), (h, w) = image_size, maps.shape[-2:]
+    (height, width), (H, W) = image_size, maps.shape[-2:]
     x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M) each
 
     def covered(low, high, pixels):  # (B, M, pixels): the fraction of each pixel's extent inside [low, high]
@@ -1098,8 +1104,8 @@ def evidence_in_box(maps, boxes, image_size):
         inside = torch.minimum(edges[1:], high[..., None]) - torch.maximum(edges[:-1], low[..., None])
         return inside.clamp(min=0).nan_to_num(0)
 
-    union = einsum(covered(y0, y1, H), covered(x0, x1, W), "b m h, b m w -> b m h w").amax(dim=1)  # (B, H, W)
-    inside = nn.functional.adaptive_avg_pool2d(union, (h, w))  # each cell's share inside a box: (B, h, w)
+    union = einsum(covered(y0, y1, height), covered(x0, x1, width), "b m y, b m x -> b m y x").amax(dim=1)  # pixels
+    inside = nn.functional.adaptive_avg_pool2d(union, (H, W))  # each cell's share inside a box: (B, H, W)
     positive = maps.clamp(min=0)
     return (positive * inside).sum(dim=(1, 2)) / positive.sum(dim=(1, 2)).clamp(min=1e-12)
 
@@ -1107,13 +1113,13 @@ def evidence_in_box(maps, boxes, image_size):
 def pointing_game(maps, boxes, image_size):
     """The pointing game on maps (POCAs, class evidence, CAMs): does each map's peak fall inside the object's boxes?
 
-    maps: (B, h, w) on the feature grid (e.g. a class's maps summed over heads); the point is the centre
-    of the peak cell, in pixels of an image of image_size (H, W). boxes: see `box_sets`, in pixels.
+    maps: (B, H, W) on the feature grid (e.g. a class's maps summed over heads); the point is the centre
+    of the peak cell, in pixels of an image of image_size (height, width). boxes: see `box_sets`, in pixels.
     Returns (B,) booleans. A point drawn at random hits a box with probability its share of the image.
     """
-    (H, W), (h, w) = image_size, maps.shape[-2:]
+    (height, width), (H, W) = image_size, maps.shape[-2:]
     peak = maps.flatten(1).argmax(dim=1)
-    y, x = (peak[:, None] // w + 0.5) * H / h, (peak[:, None] % w + 0.5) * W / w  # (B, 1)
+    y, x = (peak[:, None] // W + 0.5) * height / H, (peak[:, None] % W + 0.5) * width / W  # (B, 1), in pixels
     x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M); NaN rows compare False
     return ((x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)).any(dim=1)
 
@@ -1123,18 +1129,19 @@ def box_hits(maps, boxes, image_size, thresholds=100, min_iou=0.5, grid=None):
     threshold, is the map's box right? -> (B, thresholds) booleans; `hits.float().mean(0).max()` is the accuracy
     at the best threshold for the whole set (MaxBoxAcc).
 
-    Each map (B, h, w) is upsampled bilinearly to `grid` cells over the image (H, W) (default: cells of 4 x 4
+    Each map (B, H, W) is upsampled bilinearly to `grid` cells over the image (height, width) (default: cells of 4 x 4
     pixels), scaled to [0, 1] by its own min and max, and cut at thresholds 0, 1/T, ..., (T-1)/T: every
     8-connected region of cells at or above the threshold (at 0, the whole image) gives a box (its bounding box),
     and the image is a hit when one of these boxes overlaps one of the true boxes (see `box_sets`) with IoU >=
     min_iou. This is MaxBoxAccV2 at the one IoU of 0.5 (V2 averages 0.3, 0.5 and 0.7), with its every-region rule,
     on a grid of cells instead of the image's pixels."""
-    (H, W), (gh, gw) = image_size, grid or (image_size[0] // 4, image_size[1] // 4)
+    (height, width), (gh, gw) = image_size, grid or (image_size[0] // 4, image_size[1] // 4)
     maps = nn.functional.interpolate(maps[:, None].float(), size=(gh, gw), mode="bilinear", align_corners=False)[:, 0]
     low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
     maps = (maps - low) / (high - low).clamp(min=1e-12)
     cut = torch.arange(thresholds, device=maps.device) / thresholds
-    hits = [region_box_iou(m >= cut[:, None, None], b, (H / gh, W / gw)) >= min_iou for m, b in zip(maps, boxes)]
+    cell = (height / gh, width / gw)  # a cell's size in pixels
+    hits = [region_box_iou(m >= cut[:, None, None], b, cell) >= min_iou for m, b in zip(maps, boxes)]
     return torch.stack(hits)
 
 
@@ -1167,12 +1174,13 @@ def region_box_iou(masks, boxes, cell):
 
 
 def along_runs(labels, masks):
-    """Each run of consecutive cells of the masks (T, h, w) along a row takes the largest label in it."""
-    T, h, w = labels.shape
+    """Each run of consecutive cells of the masks (T, rows, columns) along a row takes the largest label in it."""
+    T, rows, columns = labels.shape
     run = (~masks).cumsum(dim=2)  # a cell outside the mask starts the next run (its label 0 changes no maximum)
-    key = (torch.arange(T * h, device=labels.device).reshape(T, h, 1) * (w + 1) + run).flatten()
-    largest = torch.zeros(T * h * (w + 1), device=labels.device).scatter_reduce(0, key, labels.flatten(), "amax")
-    return largest[key].reshape(T, h, w) * masks
+    key = (torch.arange(T * rows, device=labels.device).reshape(T, rows, 1) * (columns + 1) + run).flatten()
+    largest = torch.zeros(T * rows * (columns + 1), device=labels.device).scatter_reduce(0, key, labels.flatten(),
+                                                                                          "amax")
+    return largest[key].reshape(T, rows, columns) * masks
 
 
 IMAGENETTE_BOXES = Path(__file__).parent / "docs" / "imagenette_boxes.csv"
@@ -1202,18 +1210,19 @@ def read_boxes(root, split="val", csv_path=IMAGENETTE_BOXES):
 
 
 def denormalize(image, mean, std):
-    """A normalized image (3, H, W) back to an (H, W, 3) array in [0, 1], for matplotlib. mean, std: three
-    numbers each (a list, a tuple or a tensor)."""
+    """A normalized image (3, height, width) back to a (height, width, 3) array in [0, 1], for matplotlib.
+    mean, std: three numbers each (a list, a tuple or a tensor)."""
     mean, std = (torch.as_tensor(v, dtype=torch.float32).cpu().reshape(-1, 1, 1) for v in (mean, std))
     return rearrange((image.detach().cpu() * std + mean).clamp(0, 1), "c h w -> h w c").numpy()
 
 
 def one_image(image):
-    """The figures draw one image: (3, H, W), or a batch of one (1, 3, H, W)."""
+    """The figures draw one image: (3, height, width), or a batch of one (1, 3, height, width)."""
     if image.ndim == 4 and len(image) == 1:
         return image[0]
     if image.ndim != 3:
-        raise ValueError(f"image of shape {tuple(image.shape)}: give one image, (3, H, W) or (1, 3, H, W)")
+        raise ValueError(f"image of shape {tuple(image.shape)}: give one image, (3, height, width) or "
+                         f"(1, 3, height, width)")
     return image
 
 
@@ -1222,7 +1231,7 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
     showing the image alone, then the image under the mean of the heads' POCA maps, then under each head's map,
     all on one colour scale. upsample="nearest" shows the feature grid's true cells, "smooth" interpolates.
 
-    image: (3, H, W) or (1, 3, H, W), normalized with mean and std (default: the model's data_config).
+    image: (3, height, width) or (1, 3, height, width), normalized with mean and std (default: the model's data_config).
     Returns a Figure.
     """
     import matplotlib.pyplot as plt  # slow to import, and only the figures need it
@@ -1232,8 +1241,8 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
     _, _, logits = poca_maps(model, image[None], upsample=False)
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
     grid = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)[0].cpu()
-    heads, (h, w) = grid.shape[1], grid.shape[-2:]
-    panels = torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1)  # (top_k, 1 + N, h, w)
+    heads, (H, W) = grid.shape[1], grid.shape[-2:]
+    panels = torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1)  # (top_k, 1 + N, H, W)
     fig, axes = plt.subplots(len(top), heads + 2, figsize=(1.6 * (heads + 2) + 1, 1.7 * len(top) + 0.7),
                              squeeze=False, layout="constrained")
     for row, (score, k) in enumerate(zip(scores.tolist(), top.tolist())):
@@ -1243,7 +1252,7 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
             shown = overlay(axes[row, col + 1], picture, panel, upsample, cmap="viridis", vmin=0,
                             vmax=panels.max().item())
     titles = ["image", f"mean of {heads} heads"] + [f"head {n + 1}" for n in range(heads)]
-    finish_figure(fig, axes, titles, f"POCA maps on the {h} x {w} feature grid ({upsample} upsampling)")
+    finish_figure(fig, axes, titles, f"POCA maps on the {H} x {W} feature grid ({upsample} upsampling)")
     fig.colorbar(shown, ax=axes, shrink=0.8, label="attention (a map sums to 1)")
     return fig
 
@@ -1253,7 +1262,7 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
     the image, then for each model (a dict, label -> model) where it finds that class: a NOAH model's POCA
     (mean of the heads) and its class evidence, a standard head's class activation map (CAM). The evidence
     maps share one colour scale (red for, blue against the class; each sums to its model's logit), and so do
-    the attention maps. image: (3, H, W) or (1, 3, H, W).
+    the attention maps. image: (3, height, width) or (1, 3, height, width).
     """
     import matplotlib.pyplot as plt  # slow to import, and only the figures need it
 
@@ -1262,9 +1271,9 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
     with evaluating(first):
         logits = first(image[None])
         scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
-    columns, titles, grids = [], ["image"], {}  # columns: (kind, maps (top_k, h, w)), one per panel
+    columns, titles, grids = [], ["image"], {}  # columns: (kind, maps (top_k, H, W)), one per panel
     for label, model in models.items():
-        evidence = class_evidence(model, image[None])[0]  # (K, h, w)
+        evidence = class_evidence(model, image[None])[0]  # (K, H, W)
         grids[label] = " x ".join(map(str, evidence.shape[-2:]))
         if isinstance(model.head, NOAH):
             attention, _, _ = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)
@@ -1294,8 +1303,8 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
 
 
 def save_figures(model, image_paths, folder, transform, class_names=None, top_k=3, mean=None, std=None):
-    """For each image file, prepared by `transform` (a PIL image -> (3, H, W), as for evaluation), where the model
-    finds its top classes, as PNGs in `folder`: evidence_<image>.png (`show_evidence`: POCA and class evidence
+    """For each image file, prepared by `transform` (a PIL image -> (3, height, width), as for evaluation), where the
+    model finds its top classes, as PNGs in `folder`: evidence_<image>.png (`show_evidence`: POCA and class evidence
     with NOAH, the CAM with a standard head) and, with NOAH, pocas_<image>.png (every head, `show_pocas`).
     -> [(image path, figure path)]. A file that is no image raises a ValueError naming it."""
     import matplotlib.pyplot as plt  # slow to import, and only the figures need it

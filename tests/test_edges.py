@@ -222,7 +222,7 @@ def test_figures_take_a_batch_of_one_and_normalization_as_tensors():
         expected = (batch[0] * 0.25 + 0.5).clamp(0, 1).permute(1, 2, 0).numpy()
         assert abs(picture - expected).max() < 1e-6
         matplotlib.pyplot.close(figure)
-    with pytest.raises(ValueError, match=r"give one image, \(3, H, W\) or \(1, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"give one image, \(3, height, width\) or \(1, 3, height, width\)"):
         noah.show_pocas(model, torch.randn(2, 3, 64, 64))
 
 

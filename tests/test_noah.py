@@ -49,7 +49,7 @@ def test_shapes_for_any_input_size(name, size):
         features = m.forward_features(x)
         assert features.shape == (2, m.num_features, *grid)
         assert m(x).shape == (2, 10)
-        assert m.head.poca_maps(features).shape == (2, m.head.head_num, 10, *grid)
+        assert m.head.pocas(features).shape == (2, m.head.head_num, 10, *grid)
         assert build(name, "gap", num_classes=10).eval()(x).shape == (2, 10)
 
 
@@ -100,7 +100,11 @@ def test_head_matches_the_formula_written_as_loops(channels, classes, head_num, 
         x = torch.randn(2, channels, 3, 4)
         expected_logits, expected_maps = noah_by_loops(head, x)
         torch.testing.assert_close(head(x).double(), expected_logits, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(head.poca_maps(x).double(), expected_maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(head.pocas(x).double(), expected_maps, rtol=1e-5, atol=1e-6)
+        logits, pocas, evidence = head(x, maps=True)  # the maps of the very pass that gave the logits
+        torch.testing.assert_close(logits.double(), expected_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pocas.double(), expected_maps, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(evidence.sum(dim=(1, 3, 4)), logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["resnet50", "mobilenetv2_100"])
@@ -126,7 +130,7 @@ def test_head_matches_the_original_grouped_convolution_form(name):
 def test_poca_maps_are_probability_maps_over_positions(name):
     m = build(name).eval()
     with torch.no_grad():
-        maps = m.head.poca_maps(m.forward_features(torch.randn(2, 3, 96, 128)))
+        maps = m.head.pocas(m.forward_features(torch.randn(2, 3, 96, 128)))
     assert maps.shape == (2, m.head.head_num, 1000, 3, 4)
     assert (maps >= 0).all()
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(2, m.head.head_num, 1000))
@@ -140,7 +144,7 @@ def test_dropout_acts_on_the_values_only_in_training():
     assert not torch.allclose(first, head(x))  # a fresh dropout mask each call
     torch.testing.assert_close(head.eval()(x), head(x))
     with torch.no_grad():
-        torch.testing.assert_close(head.poca_maps(x).sum(dim=(-2, -1)), torch.ones(2, 2, 3))
+        torch.testing.assert_close(head.pocas(x).sum(dim=(-2, -1)), torch.ones(2, 2, 3))
 
 
 @pytest.mark.parametrize("head", ["noah", "gap"])

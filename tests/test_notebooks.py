@@ -38,7 +38,8 @@ def monkeypatch_module():
 @pytest.mark.slow
 @pytest.mark.parametrize("notebook, expected", [
     ("01_noah_head.ipynb", ["the same as the module's: True", "grouped-convolution form gives the same logits: True",
-                            "uniform-attention NOAH equals GAP + a linear layer: True", "resnet50 "]),
+                            "uniform-attention NOAH equals GAPHead on the value channels x[:, Ck:]: True",
+                            "every POCA is uniform, 1/L: True", "resnet50 "]),
     ("02_quick_training.ipynb", ["NOAH      best validation top-1", "GAP + FC  best validation top-1"]),
     ("03_poca_maps.ipynb", ["pointing game: NOAH", "in its own tile", "GAP + FC: CAM", "peaks on its own tile",
                             "random point, uniform map"]),

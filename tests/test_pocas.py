@@ -23,13 +23,13 @@ def test_poca_maps_of_cnn_and_token_backbones(name, size, img_size):
     assert maps.shape == (2, N, size, size) and torch.equal(classes, logits.argmax(dim=1))
     grid_maps, _, _ = noah.poca_maps(model, images, upsample=False)
     with torch.no_grad():
-        expected = model.eval().head.poca_maps(model.forward_features(images))[torch.arange(2), :, classes]
+        expected = model.eval().head.pocas(model.forward_features(images))[torch.arange(2), :, classes]
     torch.testing.assert_close(grid_maps, expected)
     torch.testing.assert_close(grid_maps.sum(dim=(-2, -1)), torch.ones(2, N))
     chosen, chosen_classes, _ = noah.poca_maps(model, images, classes=torch.tensor([1, 4]), upsample=False)
     assert chosen_classes.tolist() == [1, 4]
     with torch.no_grad():
-        all_maps = model.head.poca_maps(model.forward_features(images))
+        all_maps = model.head.pocas(model.forward_features(images))
     torch.testing.assert_close(chosen, torch.stack([all_maps[0, :, 1], all_maps[1, :, 4]]))
 
 

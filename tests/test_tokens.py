@@ -110,7 +110,7 @@ def test_forward_and_backward_on_a_small_input(name, head):
 def test_poca_maps_of_a_token_backbone_have_the_token_grid(name, size, grid):
     m = build(name).eval()
     with torch.no_grad():
-        maps = m.head.poca_maps(m.forward_features(torch.randn(1, 3, *size)))
+        maps = m.head.pocas(m.forward_features(torch.randn(1, 3, *size)))
     assert maps.shape == (1, 4, 1000, *grid)
     torch.testing.assert_close(maps.sum(dim=(-2, -1)), torch.ones(1, 4, 1000))
 
