@@ -355,8 +355,12 @@ def test_ctrl_c_ends_with_one_line_saying_where_the_last_checkpoint_is(tmp_path)
     args = ["--dataset", "shapes", "--img-size", 32, "--train-size", 64, "--val-size", 8, "--train-batch", 16,
             "--epochs", 1000, "--workers", 0, "--checkpoint", tmp_path]
     env = dict(os.environ, OMP_NUM_THREADS="1")
+    # as from a terminal, where Ctrl-C reaches the run: a suite started in the background (`nohup ... &`) hands its
+    # children SIGINT ignored, and Python keeps an ignored SIGINT ignored
+    default_ctrl_c = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py")] + [str(a) for a in args],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=default_ctrl_c)
     deadline = time.monotonic() + 300
     while not (tmp_path / "log.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)  # waits for the first epoch's files, however long it takes (bounded)
