@@ -407,10 +407,12 @@ def main():
 
     rows, sections = [], set(args.sections)
     for variant in variants:
-        rows += head_overhead(models, variant, batch, args.img_size, repeats, warmup) if 1 in sections else []
+        if 1 in sections:
+            rows += head_overhead(models, variant, batch, args.img_size, repeats, warmup)
         if 2 in sections:
             rows += head_implementation(variant, batch * (4 if device.type == "cpu" else 2), repeats * 2, warmup)
-        rows += backbones(models, variant, batch, args.img_size, repeats, warmup) if 3 in sections else []
+        if 3 in sections:
+            rows += backbones(models, variant, batch, args.img_size, repeats, warmup)
     if 4 in sections:
         rows += memory(models, variants[-1] if device.type == "cuda" else variants[0], batch, args.img_size)
     if 5 in sections:

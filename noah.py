@@ -10,8 +10,8 @@ look for itself where in the image it is. Read this file top to bottom:
   2. CNN backbones: ResNet, MobileNetV2, MobileNetV3-Small, ShuffleNetV2.
   3. Token backbones: DeiT and PVT (vision transformers), MLP-Mixer and gMLP (MLPs).
   4. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
-  5. Seeing the POCAs: `poca_maps`, `show_pocas`; `class_evidence` (NOAH's, and the standard head's class
-     activation map), `show_evidence`, and localization scores against boxes
+  5. Seeing the POCAs: `logits_and_pocas`, `poca_maps`, `show_pocas`; `class_evidence` (NOAH's, and the
+     standard head's class activation map), `show_evidence`, and localization scores against boxes
      (`pointing_game`, `evidence_in_box`, `box_hits`; `read_boxes` for Imagenette's).
   6. Checkpoints: `load_checkpoint` (this project's, the original's, torchvision's, timm's), `load_backbone`.
 
@@ -1024,6 +1024,16 @@ def evaluating(model):
         model.train(training)
 
 
+def logits_and_pocas(model, images):
+    """The logits (B, K) of images (B, 3, height, width) and every class's POCAs in every head (B, N, K, H, W),
+    from one pass of a model with the NOAH head, in eval mode."""
+    if not isinstance(model.head, NOAH):
+        raise ValueError("POCA maps come from the NOAH head; this model has the standard head")
+    with evaluating(model):
+        logits, pocas, _ = model.head(model.forward_features(images), maps=True)
+    return logits, pocas
+
+
 def poca_maps(model, images, classes=None, upsample=True):
     """For pictures: the POCAs of one class per image, in every head, from a model with the NOAH head.
 
@@ -1031,13 +1041,10 @@ def poca_maps(model, images, classes=None, upsample=True):
     predicted class, an int, or a (B,) tensor. Returns (maps, classes, logits): maps (B, N, height, width),
     each head's map of the class on the feature grid upsampled bilinearly to the image's pixels (a picture
     of it: upsampled, a map no longer sums to 1), or with upsample=False the maps themselves, (B, N, H, W)
-    on the feature grid, each summing to 1 over its H x W positions (`NOAH.pocas` has every class's);
+    on the feature grid, each summing to 1 over its H x W positions (`logits_and_pocas` has every class's);
     the classes shown (B,); the logits (B, K). The model is run in eval mode.
     """
-    if not isinstance(model.head, NOAH):
-        raise ValueError("POCA maps come from the NOAH head; this model has the standard head")
-    with evaluating(model):
-        logits, maps, _ = model.head(model.forward_features(images), maps=True)  # maps (B, N, K, H, W)
+    logits, maps = logits_and_pocas(model, images)  # maps (B, N, K, H, W)
     if classes is None:
         classes = logits.argmax(dim=1)
     classes = torch.as_tensor(classes, device=maps.device).expand(len(images))
@@ -1238,9 +1245,9 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
 
     image = one_image(image)
     picture = denormalize(image, *normalization(model, mean, std))
-    _, _, logits = poca_maps(model, image[None], upsample=False)
+    logits, pocas = logits_and_pocas(model, image[None])
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
-    grid = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)[0].cpu()
+    grid = rearrange(pocas[0, :, top], "n k h w -> k n h w").cpu()  # (top_k, N, H, W): the top classes' maps
     heads, (H, W) = grid.shape[1], grid.shape[-2:]
     panels = torch.cat([grid.mean(dim=1, keepdim=True), grid], dim=1)  # (top_k, 1 + N, H, W)
     fig, axes = plt.subplots(len(top), heads + 2, figsize=(1.6 * (heads + 2) + 1, 1.7 * len(top) + 0.7),
@@ -1276,8 +1283,8 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
         evidence = class_evidence(model, image[None])[0]  # (K, H, W)
         grids[label] = " x ".join(map(str, evidence.shape[-2:]))
         if isinstance(model.head, NOAH):
-            attention, _, _ = poca_maps(model, image[None].expand(len(top), -1, -1, -1), classes=top, upsample=False)
-            columns.append(("attention", attention.mean(dim=1)))
+            pocas = logits_and_pocas(model, image[None])[1][0]  # (N, K, H, W)
+            columns.append(("attention", pocas[:, top].mean(dim=0)))  # the top classes' maps, mean of the heads
             titles.append(f"{label}: POCA")
         columns.append(("evidence", evidence[top]))
         titles.append(f"{label}: {'evidence' if isinstance(model.head, NOAH) else 'CAM'}")
