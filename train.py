@@ -191,9 +191,14 @@ def get_parser():
     add("--model-ema", action=argparse.BooleanOptionalAction, default=False, help="keep an EMA of the weights")
     add("--ema-decay", type=bounded(float, "in [0, 1)"), default=0.9999, help="the EMA's weight on its past, per step")
     groups.append(p.add_argument_group("speed"))
-    add("--use_amp", action="store_true", help="automatic mixed precision")
-    add("--amp-dtype", choices=["float16", "bfloat16"], default="float16", help="AMP's type (bfloat16: slow on CPUs)")
-    add("--channels-last", action="store_true", help="images and weights in NHWC order (faster with AMP on GPUs)")
+    add("--precision", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="auto: on a CPU "
+        "with native bfloat16 (AMX or AVX512-BF16), bfloat16 autocast with channels_last, on other CPUs float32 "
+        "(there bfloat16 is slow); on a GPU, the recipe's (--use_amp). float16 is for GPUs")
+    add("--use_amp", action="store_true", help="the original's flag: autocast in --amp-dtype (on a CPU, float16 "
+        "becomes what --precision auto chooses)")
+    add("--amp-dtype", choices=["float16", "bfloat16"], default="float16", help="--use_amp's type")
+    add("--channels-last", action=argparse.BooleanOptionalAction, help="images and weights in NHWC order (default: "
+        "with bfloat16 on a CPU, where it is faster; on a GPU it helps with AMP)")
     add("--tf32", action=argparse.BooleanOptionalAction, default=True, help="CUDA: float32 in TF32 (matmuls, convs)")
     add("--compile", action="store_true", help="torch.compile the model")
     groups.append(p.add_argument_group("checkpoints and evaluation"))
@@ -259,6 +264,9 @@ def explicit_flags(argv):
 
 
 NOT_RESTORED = ("resume", "evaluate", "ema", "show_pocas", "top_k", "pretrained_backbone", "checkpoint")
+# What describes the machine, not the run: chosen again where a run resumes (defaults, or the flags given there).
+# --precision stays with the run: `auto` (the default) chooses again on each machine, a named precision is kept.
+MACHINE = ("workers", "compile", "tf32", "channels_last")
 
 
 def restore_arguments(args, argv, checkpoint):
@@ -275,7 +283,7 @@ def restore_arguments(args, argv, checkpoint):
                         f"keeps; give single flags to change it, or start a new run (with --pretrained-backbone "
                         f"{args.resume} to begin from its weights)")
     for key, value in saved.items():
-        if key in NOT_RESTORED or not hasattr(args, key):
+        if key in NOT_RESTORED or key in MACHINE or not hasattr(args, key):
             continue
         if key not in given:
             setattr(args, key, value)
@@ -295,7 +303,8 @@ def restore_arguments(args, argv, checkpoint):
 @dataclass
 class Processes:
     """Who this process is (the only one, or one of `world` under torchrun), its device and how it computes: `amp_dtype`
-    None (float32, TF32 where `tf32`) or its autocast's; `memory_format` the images'; counts sum over `host_group`."""
+    None (float32, TF32 where `tf32`) or its autocast's; `memory_format` the images'; `why` that precision was
+    chosen; counts sum over `host_group`."""
 
     distributed: bool
     world: int
@@ -304,6 +313,7 @@ class Processes:
     amp_dtype: torch.dtype = None
     tf32: bool = False
     memory_format: torch.memory_format = torch.contiguous_format
+    why: str = ""
     host_group: object = None
 
     @property
@@ -319,19 +329,71 @@ class Processes:
 
     @property
     def precision(self):
-        scaler = " with a grad scaler" * (self.amp_dtype == torch.float16)
-        tf32 = " (TF32 matrix products and convolutions)" * self.tf32
-        return f"{str(self.amp_dtype)[6:]} autocast{scaler}" if self.amp_dtype else f"float32{tf32}"
+        """In words: 'bfloat16 autocast, channels_last', 'float32 (TF32 matrix products and convolutions)'."""
+        if self.amp_dtype is None:
+            words = "float32"
+            if self.tf32:
+                words += " (TF32 matrix products and convolutions)"
+        else:
+            words = f"{str(self.amp_dtype).removeprefix('torch.')} autocast"
+            if self.amp_dtype == torch.float16:
+                words += " with a grad scaler"
+        if self.memory_format == torch.channels_last:
+            words += ", channels_last"
+        return words
 
 
 FLOAT16_ON_CPU = "NOAH_FLOAT16_ON_CPU"  # =1: float16 autocast on a CPU as on a GPU (slow; tests the GPU's path)
 
 
+def native_bfloat16():
+    """The instructions that make bfloat16 fast on this CPU ('AMX', 'AVX512-BF16'), or None: without them
+    PyTorch emulates bfloat16, several times slower than float32."""
+    checks = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    for name, check in checks:
+        supported = getattr(torch.cpu, check, None)  # private checks of torch.cpu: absent in some releases
+        if supported is not None and supported():
+            return name
+    return None
+
+
+def choose_precision(args, device):
+    """The precision of this run on this machine -> (autocast dtype or None for float32, memory format, why).
+    --precision names one; `auto` takes --use_amp's type where it fits the device (the recipe's choice on a GPU),
+    else on a CPU bfloat16 if the CPU has it natively, float32 if not. channels_last goes with bfloat16 on a CPU
+    unless --channels-last / --no-channels-last say otherwise."""
+    on_cpu = device.type == "cpu"
+    float16_allowed = not on_cpu or os.environ.get(FLOAT16_ON_CPU) == "1"
+    if args.precision != "auto":
+        if args.precision == "float16" and not float16_allowed:
+            raise UserError("--precision float16: float16 autocast is for GPUs; on a CPU give bfloat16 (fast where "
+                            "the CPU has AMX or AVX512-BF16) or float32")
+        dtype, why = args.precision, f"--precision {args.precision} asks for it"
+    elif args.use_amp and (args.amp_dtype != "float16" or float16_allowed):
+        dtype, why = args.amp_dtype, f"--use_amp --amp-dtype {args.amp_dtype} asks for it"
+    elif on_cpu:
+        found = native_bfloat16()
+        dtype = "bfloat16" if found else "float32"
+        if found:
+            why = f"this CPU has {found} (--precision float32 for float32)"
+        else:
+            why = "this CPU has no native bfloat16 (AMX or AVX512-BF16)"
+        if args.use_amp:  # float16, e.g. a DeiT preset: its GPU precision
+            why += "; --use_amp's float16 is for GPUs (a GPU resuming this run uses it)"
+    else:
+        dtype, why = "float32", "on a GPU, the recipe's precision (--use_amp for autocast)"
+    channels_last = args.channels_last
+    if channels_last is None:
+        channels_last = on_cpu and dtype == "bfloat16"
+    amp_dtype = None if dtype == "float32" else getattr(torch, dtype)
+    return amp_dtype, torch.channels_last if channels_last else torch.contiguous_format, why
+
+
 @contextlib.contextmanager
 def processes(args):
     """One process, or one per GPU (or CPU slot) under torchrun, which sets RANK and WORLD_SIZE; the group is ended
-    however the run ends. The precision is decided here, for this run on this machine: the flags (and so the
-    checkpoints) keep what the user asked for."""
+    however the run ends. The precision is decided here, for this run on this machine (choose_precision), and said
+    in the run's first line: the flags (and so the checkpoints) keep what the user asked for."""
     distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     world, rank = (int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])) if distributed else (1, 0)
     device = torch.device("cpu")
@@ -344,17 +406,14 @@ def processes(args):
     if args.train_batch % world and not (args.evaluate or args.show_pocas):
         raise UserError(f"--train-batch {args.train_batch} is the global batch and must split evenly over "
                         f"{world} processes; use a multiple of {world}")
+    amp_dtype, memory_format, why = choose_precision(args, device)
     host_group = None
     if distributed:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # counts: no wait for the GPU
-    procs = Processes(distributed, world, rank, device, amp_dtype=getattr(torch, args.amp_dtype) if args.use_amp else
-                      None, tf32=args.tf32 and device.type == "cuda", host_group=host_group,
-                      memory_format=torch.channels_last if args.channels_last else torch.contiguous_format)
-    if procs.amp_dtype == torch.float16 and device.type == "cpu" and os.environ.get(FLOAT16_ON_CPU) != "1":
-        procs.amp_dtype = None  # e.g. a DeiT preset on a CPU: float16 autocast is for GPUs
-        procs.print("--use_amp: float16 autocast is for GPUs, so this run on the CPU trains in float32 "
-                    "(--amp-dtype bfloat16 gives mixed precision on a CPU); a GPU resuming it uses float16")
+    procs = Processes(distributed, world, rank, device, amp_dtype=amp_dtype, tf32=args.tf32 and device.type == "cuda",
+                      memory_format=memory_format, why=why, host_group=host_group)
+    procs.print(f"{procs.precision}: {why}")
     try:
         yield procs
     finally:
@@ -836,7 +895,7 @@ def main(argv=None):
             check_classes(checkpoint, classes, args)
         model, config = build_model(args, len(classes), checkpoint, procs)
         procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "
-                    f"classes, {procs.world} process(es) on {procs.device.type}, {procs.precision}")
+                    f"classes, {procs.world} process(es) on {procs.device.type}")
         if args.show_pocas:
             return write_figures(model, args, classes) if procs.is_main else []
         net = wrap_model(model, args, procs)
@@ -857,7 +916,7 @@ def main(argv=None):
                 if procs.is_main:
                     state = dict(epoch=epoch + 1, arch=args.arch, config=config, classes=classes, acc=result["top1"],
                                  state_dict=model.state_dict(), best_acc=best_acc, optimizer=optimizer.state_dict(),
-                                 scaler=scaler.state_dict(), args=vars(args),
+                                 scaler=scaler.state_dict(), args=vars(args), precision=procs.precision,
                                  **({"ema": ema.state_dict()} if ema else {}))
                     save_checkpoint(state, result["top1"] >= best_acc, args.checkpoint)
                     log_epoch(log, record, args.checkpoint, args.epochs)
