@@ -5,7 +5,7 @@
                                                       # channels_last, then the same under torch.compile
     python bench.py --summarize run1.json run2.json run3.json   # one figure from several runs: median [range]
 
-Five sections, each row timed as the median over repeated runs after warm-up, with the spread (25th to
+Six sections, each row timed as the median over repeated runs after warm-up, with the spread (25th to
 75th percentile), the device, precision, batch and image size, and for compiled rows the graphs Dynamo
 compiled (Dynamo is reset before each row). What is compared is timed in alternation, and a ratio is the
 median of the ratios within each round:
@@ -17,11 +17,14 @@ median of the ratios within each round:
   3. backbones: each CNN of noah.py against torchvision's model of the same architecture, training step;
   4. memory: a training step's peak memory (GPU) or the tensors it saves for backward (CPU), NOAH vs GAP + FC;
   5. data: the images per second train.py's loader delivers from a folder of JPEGs, per number of workers,
-     over many batches after warm-up, against the speed at which the model trains: the slower one limits.
+     over many batches after warm-up, against the speed at which the model trains: the slower one limits;
+  6. precision: float32 against bfloat16 autocast + channels_last (what train.py chooses on a CPU with native
+     bfloat16), training step and inference of each model with each head, the two timed alternately.
 One run is not a figure on a shared machine: run a command three times with --json and --summarize them.
 """
 import argparse
 import contextlib
+import copy
 import json
 import os
 import statistics
@@ -327,6 +330,26 @@ def data_pipeline(worker_counts, variant, batch, img_size, model, training_image
     return rows
 
 
+def precision_speedup(models, device, batch, img_size, repeats, warmup):
+    """float32 against bfloat16 autocast + channels_last, each model with each head, the two timed alternately
+    on two copies of the same model (channels_last changes a model's layout in place)."""
+    float32, bfloat16 = Variant(device), Variant(device, "bfloat16", channels_last=True)
+    rows = []
+    for name in tqdm(models, desc="6. precision", leave=False):
+        for head in ("noah", "gap"):
+            torch.manual_seed(0)
+            model = noah.create_model(name, head=head)
+            for kind, make in (("train step", "train_step"), ("inference", "inference")):
+                steps = [getattr(variant, make)(copy.deepcopy(model), batch, img_size)
+                         for variant in (float32, bfloat16)]
+                timed = interleaved(steps, repeats, warmup, device)
+                head_name = "NOAH" if head == "noah" else "GAP + FC"
+                rows.append(row("6. precision", f"{name} {head_name} {kind}", bfloat16.setting(batch, img_size),
+                                timed[1], "float32", timed[0], paired_ratio(timed[0], timed[1]),
+                                "float32 time / bfloat16 time (>1: bfloat16 faster)"))
+    return rows
+
+
 def print_table(rows):
     print(f"\n{'section':24s} {'what':72s} {'setting':56s} {'median ms':>10s} {'p25-p75 ms':>15s}  result")
     for r in rows:
@@ -383,8 +406,8 @@ def main():
                         "DeiT-S and Mixer-S)")
     parser.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=True,
                         help="CUDA: float32 matrix products and convolutions in TF32, as train.py by default")
-    parser.add_argument("--sections", nargs="+", type=int, choices=range(1, 6), default=[1, 2, 3, 4, 5], metavar="N",
-                        help="run only these sections, e.g. --sections 1 2 (default: all five; 5 needs 1)")
+    parser.add_argument("--sections", nargs="+", type=int, choices=range(1, 7), default=[1, 2, 3, 4, 5, 6],
+                        metavar="N", help="run only these sections, e.g. --sections 1 2 (default: all six; 5 needs 1)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
     parser.add_argument("--summarize", nargs="+", metavar="JSON", help="only summarize runs written with --json")
     args = parser.parse_args()
@@ -417,6 +440,8 @@ def main():
         rows += memory(models, variants[-1] if device.type == "cuda" else variants[0], batch, args.img_size)
     if 5 in sections:
         rows += loader_against_model(args, rows, models, variants[-1], batch)
+    if 6 in sections:
+        rows += precision_speedup(models, device, batch, args.img_size, repeats, warmup)
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
