@@ -348,7 +348,8 @@ class TrainSampler(Sampler):
         self.epoch = epoch
 
     def __iter__(self):
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        # mix_seed, not seed + epoch: with a sum, seed 1's epoch e would be seed 0's epoch e + 1
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix_seed(self.seed, self.epoch)))
         share = order.repeat_interleave(self.repeats).tolist()[self.rank::self.world][: self.per_process]
         return ((index, mix_seed(self.seed, self.epoch, self.rank, position)) for position, index in enumerate(share))
 

@@ -228,6 +228,21 @@ def test_repeated_augmentation_gives_each_process_its_share():
     assert max(everything.count(i) for i in set(everything)) == 3  # up to 3 times, on different processes
 
 
+def test_two_seeds_shuffle_independently_at_every_pair_of_epochs():
+    """A study of seeds needs independent data orders: no epoch of one seed may replay an epoch of another."""
+    orders = {}
+    for seed in (0, 1, 2):
+        sampler = data.TrainSampler(1000, 1, 0, 1, seed=seed)
+        for epoch in range(6):
+            sampler.set_epoch(epoch)
+            orders[seed, epoch] = [index for index, _ in sampler]
+    for (seed, epoch), order in orders.items():
+        for (other_seed, other_epoch), other in orders.items():
+            if seed != other_seed:
+                assert order != other, (seed, epoch, other_seed, other_epoch)
+                assert order[:10] != other[:10]
+
+
 def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(image_folder):
     args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5",
                              "--train-batch", "6"])
