@@ -93,7 +93,10 @@ class Variant:
     TF32 (matrix products and convolutions alike), as train.py does by default."""
 
     def __init__(self, device, dtype="float32", channels_last=False, compile=False):
-        self.device, self.dtype, self.channels_last, self.compile = device, dtype, channels_last, compile
+        self.device = device
+        self.dtype = dtype
+        self.channels_last = channels_last
+        self.compile = compile
 
     def precision(self):
         if self.dtype != "float32":

@@ -36,7 +36,10 @@ class Shapes(Dataset):
     classes = ("circle", "square", "triangle", "cross", "ring", "diamond")
 
     def __init__(self, num_samples=2000, img_size=64, seed=0, transform=None):
-        self.num_samples, self.img_size, self.seed, self.transform = num_samples, img_size, seed, transform
+        self.num_samples = num_samples
+        self.img_size = img_size
+        self.seed = seed
+        self.transform = transform
 
     def __len__(self):
         return self.num_samples
@@ -133,10 +136,15 @@ def image_folders(root, train_tf, val_tf):
             raise UserError(f"{folder} is not laid out as one sub-folder of images per class: {e}") from None
     train, val = folders
     if train.classes != val.classes:
-        only = lambda a, b: ", ".join(sorted(set(a.classes) - set(b.classes))) or "none"
         raise UserError(f"{root}: train/ and val/ must have the same class folders: only in train/: "
-                        f"{only(train, val)}; only in val/: {only(val, train)}")
+                        f"{only_in(train.classes, val.classes)}; only in val/: {only_in(val.classes, train.classes)}")
     return train, val, train.classes
+
+
+def only_in(names, others, shown=5):
+    """The first `shown` of `names` not among `others`, for an error message: 'plum, prune', or 'none'."""
+    missing = sorted(set(names) - set(others))[:shown]
+    return ", ".join(missing) or "none"
 
 
 def download(make, url, placement):
@@ -167,7 +175,10 @@ def imagenette(root, img_size, train_tf, val_tf):
     elif set(found) <= {f".{IMAGENETTE[wanted]}.partial"}:  # empty, or holding what a cut download left
         folder = download_imagenette(root, IMAGENETTE[wanted])
     else:
-        raise UserError(f"{root} holds {', '.join(found[:4])}{', ...' * (len(found) > 4)}, not Imagenette: give an "
+        shown = ", ".join(found[:4])
+        if len(found) > 4:
+            shown += ", ..."
+        raise UserError(f"{root} holds {shown}, not Imagenette: give an "
                         f"empty folder to download it into, a copy with train/ and val/, or a folder with an "
                         f"extracted {', '.join(IMAGENETTE.values())}")
     for split in ("train", "val"):
@@ -231,13 +242,17 @@ def build_transforms(args, train):
     modes = ["bilinear", "bicubic"] if interpolation == "random" else [interpolation]
     modes = [v2.InterpolationMode(mode) for mode in modes]
     if args.dataset.startswith("cifar"):
-        crop = [v2.Resize(args.img_size, modes[0])] * (args.img_size != 32)
-        crop += [v2.RandomCrop(args.img_size, padding=args.img_size // 8)]
+        crop = []
+        if args.img_size != 32:  # CIFAR's images are 32 x 32
+            crop.append(v2.Resize(args.img_size, modes[0]))
+        crop.append(v2.RandomCrop(args.img_size, padding=args.img_size // 8))
     else:
         crop = [v2.RandomResizedCrop(args.img_size, ratio=tuple(args.crop_ratio), interpolation=mode) for mode in modes]
         crop = [v2.RandomChoice(crop)] if len(crop) > 1 else crop  # random: bilinear or bicubic, per image
     fill = [round(255 * m) for m in mean]  # timm fills what geometric operations uncover with the mean
-    augment = [RandAugment(args.randaug_n, args.randaug, args.randaug_mstd, interpolation, fill)] * bool(args.randaug)
+    augment = []
+    if args.randaug:
+        augment.append(RandAugment(args.randaug_n, args.randaug, args.randaug_mstd, interpolation, fill))
     erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob else []
     return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_normalized_tensor(mean, std) + erase)
 
@@ -341,8 +356,13 @@ class TrainSampler(Sampler):
     processes, each time with its own augmentation. Every process sees size // world images."""
 
     def __init__(self, size, world, rank, repeats, seed):
-        self.size, self.world, self.rank, self.repeats, self.seed = size, world, rank, repeats, seed
-        self.epoch, self.per_process = 0, size // world
+        self.size = size
+        self.world = world
+        self.rank = rank
+        self.repeats = repeats
+        self.seed = seed
+        self.epoch = 0
+        self.per_process = size // world
 
     def set_epoch(self, epoch):
         self.epoch = epoch

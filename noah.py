@@ -10,9 +10,8 @@ look for itself where in the image it is. Read this file top to bottom:
   2. CNN backbones: ResNet, MobileNetV2, MobileNetV3-Small, ShuffleNetV2.
   3. Token backbones: DeiT and PVT (vision transformers), MLP-Mixer and gMLP (MLPs).
   4. The model zoo: `create_model(name, ...)` and `list_models()`, with the paper's settings.
-  5. Seeing the POCAs: `logits_and_pocas`, `poca_maps`, `show_pocas`; `class_evidence` (NOAH's, and the
-     standard head's class activation map), `show_evidence`, and localization scores against boxes
-     (`pointing_game`, `evidence_in_box`, `box_hits`; `read_boxes` for Imagenette's).
+  5. Seeing the POCAs: `poca_maps` and `show_pocas`; `class_evidence` (NOAH's, and the standard head's class
+     activation map) and `show_evidence`. Scoring maps against objects' boxes is evaluation: localize.py.
   6. Checkpoints: `load_checkpoint` (this project's, the original's, torchvision's, timm's), `load_backbone`.
 
 Every model has `forward_features(x)`, which returns the last feature map (B, C, H, W), and a
@@ -21,8 +20,6 @@ Token backbones lay their patch tokens out as such a map, so one NOAH module ser
 Shapes in comments use B batch, C channels, H x W positions of the feature map (L = H*W), N heads, K
 classes; an image is (3, height, width) pixels.
 """
-import argparse
-import csv
 import math
 import re
 from collections import OrderedDict
@@ -139,7 +136,8 @@ class NOAH(nn.Module):
         return math.sqrt(2.0 / (self.head_num * self.INIT_CLASSES))  # "scaled", and the keys of "zero_value"
 
     def forward(self, x, maps=False):
-        """(B, C, H, W) -> logits (B, K); with maps=True, (logits, POCAs, evidence), the maps (B, N, K, H, W)."""
+        """(B, C, H, W) -> logits (B, K); with maps=True, (logits, POCAs, evidence), the maps (B, N, K, H, W): the
+        evidence is each head's attention x value for each class at each position, which sums to the logits."""
         batch, _, H, W = x.shape
         per_image = partial(rearrange, pattern="n k (b l) -> n k b l", b=batch)
         # 1. split: keys and values, each into N heads (the heads first, every position of the batch last)
@@ -162,11 +160,6 @@ class NOAH(nn.Module):
         """Every class's POCA in every head, on the feature map's grid: (B, C, H, W) -> (B, N, K, H, W),
         each map summing to 1 over its H x W positions."""
         return self(x, maps=True)[1]
-
-    def evidence(self, x):
-        """Each head's evidence for each class at each position, attention x value: (B, C, H, W) ->
-        (B, N, K, H, W), which sums over heads and positions to the logits."""
-        return self(x, maps=True)[2]
 
 
 def check_head_num(head_num, key_channels, value_channels):
@@ -671,7 +664,8 @@ class VisionTransformer(Classifier):
         self.class_token = head != "noah"
         if self.class_token:
             self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.grid[0] * self.grid[1] + self.class_token, dim))
+        positions = self.grid[0] * self.grid[1] + (1 if self.class_token else 0)  # the class token has one too
+        self.pos_embed = nn.Parameter(torch.zeros(1, positions, dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(TransformerBlock(dim, heads, mlp_ratio, drop=drop_rate, drop_path=p) for p in rates)
@@ -1024,7 +1018,7 @@ def evaluating(model):
         model.train(training)
 
 
-def logits_and_pocas(model, images):
+def _logits_and_pocas(model, images):
     """The logits (B, K) of images (B, 3, height, width) and every class's POCAs in every head (B, N, K, H, W),
     from one pass of a model with the NOAH head, in eval mode."""
     if not isinstance(model.head, NOAH):
@@ -1041,10 +1035,10 @@ def poca_maps(model, images, classes=None, upsample=True):
     predicted class, an int, or a (B,) tensor. Returns (maps, classes, logits): maps (B, N, height, width),
     each head's map of the class on the feature grid upsampled bilinearly to the image's pixels (a picture
     of it: upsampled, a map no longer sums to 1), or with upsample=False the maps themselves, (B, N, H, W)
-    on the feature grid, each summing to 1 over its H x W positions (`logits_and_pocas` has every class's);
+    on the feature grid, each summing to 1 over its H x W positions (`model.head.pocas` gives every class's);
     the classes shown (B,); the logits (B, K). The model is run in eval mode.
     """
-    logits, maps = logits_and_pocas(model, images)  # maps (B, N, K, H, W)
+    logits, maps = _logits_and_pocas(model, images)  # maps (B, N, K, H, W)
     if classes is None:
         classes = logits.argmax(dim=1)
     classes = torch.as_tensor(classes, device=maps.device).expand(len(images))
@@ -1074,7 +1068,7 @@ def class_evidence(model, images, per_head=False):
     with evaluating(model):
         features = model.forward_features(images)  # (B, C, H, W)
         if isinstance(model.head, NOAH):
-            evidence = model.head.evidence(features)  # (B, N, K, H, W)
+            _, _, evidence = model.head(features, maps=True)  # (B, N, K, H, W)
             return evidence if per_head else evidence.sum(dim=1)
         fc, positions = model.head.fc, features.shape[-2] * features.shape[-1]
         cam = einsum(features, fc.weight, "b c h w, k c -> b k h w") + rearrange(fc.bias, "k -> k 1 1")
@@ -1090,130 +1084,6 @@ def not_a_sum_over_positions(model):
     if getattr(model, "pool_first", False):
         return "its standard head pools before a non-linear 1x1 conv (h-swish), so the logit is no sum over positions"
     return None
-
-
-def box_sets(boxes):
-    """Boxes (B, 4), one per image, or (B, M, 4), up to M per image (rows of NaN where an image has fewer), as
-    (B, M, 4): (x0, y0, x1, y1) in pixels. An image's object is anywhere in any of its boxes."""
-    return boxes[:, None] if boxes.dim() == 2 else boxes
-
-
-def evidence_in_box(maps, boxes, image_size):
-    """A threshold-free localization score: the share of each map's positive mass that lies inside the object's
-    boxes. maps: (B, H, W) on the feature grid; boxes: see `box_sets`, in pixels of an image of image_size
-    (height, width). A grid cell counts by the fraction of its area the boxes cover (their union); a uniform map scores
-    the boxes' share of the image. Returns (B,) in [0, 1]."""
-    (height, width), (H, W) = image_size, maps.shape[-2:]
-    x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M) each
-
-    def covered(low, high, pixels):  # (B, M, pixels): the fraction of each pixel's extent inside [low, high]
-        edges = torch.arange(pixels + 1, device=boxes.device, dtype=boxes.dtype)
-        inside = torch.minimum(edges[1:], high[..., None]) - torch.maximum(edges[:-1], low[..., None])
-        return inside.clamp(min=0).nan_to_num(0)
-
-    union = einsum(covered(y0, y1, height), covered(x0, x1, width), "b m y, b m x -> b m y x").amax(dim=1)  # pixels
-    inside = nn.functional.adaptive_avg_pool2d(union, (H, W))  # each cell's share inside a box: (B, H, W)
-    positive = maps.clamp(min=0)
-    return (positive * inside).sum(dim=(1, 2)) / positive.sum(dim=(1, 2)).clamp(min=1e-12)
-
-
-def pointing_game(maps, boxes, image_size):
-    """The pointing game on maps (POCAs, class evidence, CAMs): does each map's peak fall inside the object's boxes?
-
-    maps: (B, H, W) on the feature grid (e.g. a class's maps summed over heads); the point is the centre
-    of the peak cell, in pixels of an image of image_size (height, width). boxes: see `box_sets`, in pixels.
-    Returns (B,) booleans. A point drawn at random hits a box with probability its share of the image.
-    """
-    (height, width), (H, W) = image_size, maps.shape[-2:]
-    peak = maps.flatten(1).argmax(dim=1)
-    y, x = (peak[:, None] // W + 0.5) * height / H, (peak[:, None] % W + 0.5) * width / W  # (B, 1), in pixels
-    x0, y0, x1, y1 = box_sets(boxes).unbind(dim=-1)  # (B, M); NaN rows compare False
-    return ((x0 <= x) & (x <= x1) & (y0 <= y) & (y <= y1)).any(dim=1)
-
-
-def box_hits(maps, boxes, image_size, thresholds=100, min_iou=0.5, grid=None):
-    """Box accuracy, as weakly supervised localization scores a map (Choe et al., CVPR 2020, MaxBoxAccV2): at each
-    threshold, is the map's box right? -> (B, thresholds) booleans; `hits.float().mean(0).max()` is the accuracy
-    at the best threshold for the whole set (MaxBoxAcc).
-
-    Each map (B, H, W) is upsampled bilinearly to `grid` cells over the image (height, width) (default: cells of 4 x 4
-    pixels), scaled to [0, 1] by its own min and max, and cut at thresholds 0, 1/T, ..., (T-1)/T: every
-    8-connected region of cells at or above the threshold (at 0, the whole image) gives a box (its bounding box),
-    and the image is a hit when one of these boxes overlaps one of the true boxes (see `box_sets`) with IoU >=
-    min_iou. This is MaxBoxAccV2 at the one IoU of 0.5 (V2 averages 0.3, 0.5 and 0.7), with its every-region rule,
-    on a grid of cells instead of the image's pixels."""
-    (height, width), (gh, gw) = image_size, grid or (image_size[0] // 4, image_size[1] // 4)
-    maps = nn.functional.interpolate(maps[:, None].float(), size=(gh, gw), mode="bilinear", align_corners=False)[:, 0]
-    low, high = maps.amin(dim=(1, 2), keepdim=True), maps.amax(dim=(1, 2), keepdim=True)
-    maps = (maps - low) / (high - low).clamp(min=1e-12)
-    cut = torch.arange(thresholds, device=maps.device) / thresholds
-    cell = (height / gh, width / gw)  # a cell's size in pixels
-    hits = [region_box_iou(m >= cut[:, None, None], b, cell) >= min_iou for m, b in zip(maps, boxes)]
-    return torch.stack(hits)
-
-
-def region_box_iou(masks, boxes, cell):
-    """The best IoU between any 8-connected region's bounding box in each mask (T, gh, gw) and any true box:
-    -> (T,). Regions are labelled by spreading the largest cell index through each: along every run of cells in
-    a row, then in a column, then to the 8 neighbours (a 3 x 3 max-pool), until nothing changes."""
-    T, gh, gw = masks.shape
-    index = torch.arange(1, gh * gw + 1, device=masks.device, dtype=torch.float).reshape(gh, gw)
-    labels = torch.where(masks, index, 0.0)
-    while True:
-        spread = along_runs(along_runs(labels, masks).transpose(1, 2), masks.transpose(1, 2)).transpose(1, 2)
-        spread = nn.functional.max_pool2d(spread[:, None], 3, stride=1, padding=1)[:, 0] * masks
-        if torch.equal(spread, labels):
-            break
-        labels = spread
-    t, y, x = masks.nonzero(as_tuple=True)
-    ids, region = torch.unique(t * (gh * gw + 1) + labels[t, y, x].long(), return_inverse=True)  # (threshold, label)
-    edge = lambda values, how: torch.zeros(len(ids), device=masks.device).scatter_reduce(0, region, values.float(), how,
-                                                                                         include_self=False)
-    x0, y0 = edge(x, "amin") * cell[1], edge(y, "amin") * cell[0]
-    x1, y1 = (edge(x, "amax") + 1) * cell[1], (edge(y, "amax") + 1) * cell[0]
-    truth = box_sets(boxes[None])[0]  # (M, 4)
-    tx0, ty0, tx1, ty1 = truth.unbind(dim=-1)
-    overlap = ((torch.minimum(x1[:, None], tx1) - torch.maximum(x0[:, None], tx0)).clamp(min=0)
-               * (torch.minimum(y1[:, None], ty1) - torch.maximum(y0[:, None], ty0)).clamp(min=0))
-    union = ((x1 - x0) * (y1 - y0))[:, None] + (tx1 - tx0) * (ty1 - ty0) - overlap
-    iou = (overlap / union).nan_to_num(0).amax(dim=1)  # (regions,): each region's best
-    return torch.zeros(T, device=masks.device).scatter_reduce(0, ids // (gh * gw + 1), iou, "amax")  # best region
-
-
-def along_runs(labels, masks):
-    """Each run of consecutive cells of the masks (T, rows, columns) along a row takes the largest label in it."""
-    T, rows, columns = labels.shape
-    run = (~masks).cumsum(dim=2)  # a cell outside the mask starts the next run (its label 0 changes no maximum)
-    key = (torch.arange(T * rows, device=labels.device).reshape(T, rows, 1) * (columns + 1) + run).flatten()
-    largest = torch.zeros(T * rows * (columns + 1), device=labels.device).scatter_reduce(0, key, labels.flatten(),
-                                                                                          "amax")
-    return largest[key].reshape(T, rows, columns) * masks
-
-
-IMAGENETTE_BOXES = Path(__file__).parent / "docs" / "imagenette_boxes.csv"
-
-
-def read_boxes(root, split="val", csv_path=IMAGENETTE_BOXES):
-    """ImageNet's human-drawn boxes for the Imagenette images that are ImageNet validation images (the CSV: one
-    row per box, `file,wnid,width,height,x0,y0,x1,y1` in the original image's pixels), for a copy of Imagenette
-    at `root` (`root/split/<wnid>/<file>`, any size): each box is scaled per axis by the size of the file found
-    there. -> [(path, wnid, boxes (M, 4) as x0, y0, x1, y1 in that file's pixels)], the files in order."""
-    from PIL import Image  # only this function reads images
-
-    rows = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            rows.setdefault((row["file"], row["wnid"]), []).append(row)
-    found = []
-    for (file, wnid), boxes in sorted(rows.items()):
-        path = Path(root) / split / wnid / file
-        if not path.exists():
-            continue
-        width, height = Image.open(path).size
-        scale = torch.tensor([width / float(boxes[0]["width"]), height / float(boxes[0]["height"])]).repeat(2)
-        found.append((path, wnid, torch.tensor([[float(b[k]) for k in ("x0", "y0", "x1", "y1")] for b in boxes])
-                      * scale))
-    return found
 
 
 def denormalize(image, mean, std):
@@ -1245,7 +1115,7 @@ def show_pocas(model, image, class_names=None, top_k=3, mean=None, std=None, ups
 
     image = one_image(image)
     picture = denormalize(image, *normalization(model, mean, std))
-    logits, pocas = logits_and_pocas(model, image[None])
+    logits, pocas = _logits_and_pocas(model, image[None])
     scores, top = logits.softmax(dim=1)[0].topk(min(top_k, logits.shape[1]))
     grid = rearrange(pocas[0, :, top], "n k h w -> k n h w").cpu()  # (top_k, N, H, W): the top classes' maps
     heads, (H, W) = grid.shape[1], grid.shape[-2:]
@@ -1283,7 +1153,7 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
         evidence = class_evidence(model, image[None])[0]  # (K, H, W)
         grids[label] = " x ".join(map(str, evidence.shape[-2:]))
         if isinstance(model.head, NOAH):
-            pocas = logits_and_pocas(model, image[None])[1][0]  # (N, K, H, W)
+            pocas = _logits_and_pocas(model, image[None])[1][0]  # (N, K, H, W)
             columns.append(("attention", pocas[:, top].mean(dim=0)))  # the top classes' maps, mean of the heads
             titles.append(f"{label}: POCA")
         columns.append(("evidence", evidence[top]))
@@ -1307,34 +1177,6 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
         if kind in shown:
             fig.colorbar(shown[kind], ax=axes, shrink=0.8, label=label)
     return fig
-
-
-def save_figures(model, image_paths, folder, transform, class_names=None, top_k=3, mean=None, std=None):
-    """For each image file, prepared by `transform` (a PIL image -> (3, height, width), as for evaluation), where the
-    model finds its top classes, as PNGs in `folder`: evidence_<image>.png (`show_evidence`: POCA and class evidence
-    with NOAH, the CAM with a standard head) and, with NOAH, pocas_<image>.png (every head, `show_pocas`).
-    -> [(image path, figure path)]. A file that is no image raises a ValueError naming it."""
-    import matplotlib.pyplot as plt  # slow to import, and only the figures need it
-    from PIL import Image
-
-    device, with_noah, written, stems = next(model.parameters()).device, isinstance(model.head, NOAH), [], {}
-    for image_path in image_paths:
-        try:
-            image = transform(Image.open(image_path).convert("RGB")).to(device)
-        except OSError as e:
-            raise ValueError(f"cannot read the image {image_path}: {e}") from None
-        figures = {"evidence": show_evidence({"NOAH" if with_noah else "GAP + FC": model}, image, class_names, top_k,
-                                             mean, std)}
-        if with_noah:
-            figures["pocas"] = show_pocas(model, image, class_names, top_k, mean, std)
-        stem = Path(image_path).stem
-        stems[stem] = stems.get(stem, 0) + 1  # a/gray.png, b/gray.png -> gray, gray_2
-        stem += f"_{stems[stem]}" * (stems[stem] > 1)
-        for kind, figure in figures.items():
-            written.append((image_path, Path(folder) / f"{kind}_{stem}.png"))
-            figure.savefig(written[-1][1], dpi=110)
-            plt.close(figure)  # pyplot would keep every figure of a long list of images in memory
-    return written
 
 
 def normalization(model, mean, std):
@@ -1400,12 +1242,14 @@ def read_checkpoint(path):
     """A checkpoint file's contents (a dict), read with `weights_only=True`: a file from the internet cannot
     run code when loaded. Besides plain data only argparse.Namespace is allowed, as DeiT and timm store
     their arguments so. Any other file is a ValueError that says in its own words what the file is."""
+    from argparse import Namespace  # imported only to be allowed in: DeiT and timm save their arguments as one
+
     with open(path, "rb") as f:  # FileNotFoundError as it is
         empty = not f.read(1)
     try:
         if empty:
             raise EOFError
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([Namespace]):
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # what torch.load raises says little, and advises the unsafe way round
         raise ValueError(f"cannot read {path} as a checkpoint: {unreadable_because(e, empty)}") from None

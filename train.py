@@ -487,9 +487,8 @@ def check_classes(checkpoint, classes, args):
         raise UserError(f"{args.resume} and {where} have the same classes in another order ({', '.join(saved[:3])}, "
                         f"... against {', '.join(classes[:3])}, ...): its outputs would be scored against the "
                         f"wrong labels")
-    only = lambda a, b: ", ".join(sorted(set(a) - set(b))[:5]) or "none"
     raise UserError(f"{args.resume} was trained on other classes than {where}'s: only in the checkpoint: "
-                    f"{only(saved, classes)}; only in the data: {only(classes, saved)}")
+                    f"{data.only_in(saved, classes)}; only in the data: {data.only_in(classes, saved)}")
 
 
 def figure_classes(checkpoint, args):
@@ -636,7 +635,10 @@ def save_checkpoint(state, is_best, folder):
     kept = f"the last good checkpoint, epoch {state['epoch'] - 1}, is kept" if os.path.exists(last) else \
         "no checkpoint was written"
     try:
-        for path in [last] + [os.path.join(folder, "model_best.pth.tar")] * is_best:
+        paths = [last]
+        if is_best:
+            paths.append(os.path.join(folder, "model_best.pth.tar"))
+        for path in paths:
             save_atomically(lambda tmp: torch.save(state, tmp), path)
             kept = f"{last} holds epoch {state['epoch']}"
     except UserError as e:
@@ -668,10 +670,12 @@ def log_epoch(log, record, folder, epochs):
         save_atomically(lambda tmp: plot_curves(log, tmp), os.path.join(folder, "curves.png"))
     except UserError as e:
         raise UserError(f"{e}; the checkpoint of epoch {record['epoch']} is saved") from None
-    n = record["unreadable_train_images"]
-    print(f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  val loss "
-          f"{record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
-          f"{record['images_per_s']:.0f} img/s" + f"  {n} unreadable training images skipped" * bool(n), flush=True)
+    line = (f"epoch {record['epoch']}/{epochs}  lr {record['lr']:.4g}  train loss {record['train_loss']:.4f}  val loss "
+            f"{record['val_loss']:.4f}  top-1 {record['val_top1']:.2f}%  top-5 {record['val_top5']:.2f}%  "
+            f"{record['images_per_s']:.0f} img/s")
+    if record["unreadable_train_images"]:
+        line += f"  {record['unreadable_train_images']} unreadable training images skipped"
+    print(line, flush=True)
 
 
 def plot_curves(log, path):
@@ -690,18 +694,39 @@ def plot_curves(log, path):
 
 
 def write_figures(model, args, classes):
-    """--show-pocas: noah.save_figures of the images, prepared as for evaluation, into --checkpoint."""
+    """--show-pocas: for each image, prepared as for evaluation, where the model finds its top classes, as PNGs in
+    --checkpoint: evidence_<image>.png (noah.show_evidence: POCA and class evidence with NOAH, the CAM with a
+    standard head) and, with NOAH, pocas_<image>.png (every head: noah.show_pocas). -> the figures' paths."""
+    import matplotlib.pyplot as plt  # slow to import, and only --show-pocas needs it
+
     reason = noah.not_a_sum_over_positions(model)
     if reason:
         raise UserError(f"--show-pocas: {args.arch} has no class activation map, as {reason}; use --use_noah")
-    transform, (mean, std) = data.build_transforms(args, train=False), noah.MEAN_STD[args.normalize]
-    try:
-        written = noah.save_figures(model, args.show_pocas, args.checkpoint, transform, classes, args.top_k, mean, std)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    for image_path, path in written:
-        print(f"{image_path} -> {path}")
-    return [str(path) for _, path in written]
+    transform = data.build_transforms(args, train=False)
+    mean, std = noah.MEAN_STD[args.normalize]
+    with_noah = isinstance(model.head, noah.NOAH)
+    device = next(model.parameters()).device
+    written, stems = [], {}
+    for image_path in args.show_pocas:
+        try:
+            image = transform(data.read_image(image_path)).to(device)
+        except data.Unreadable as e:
+            raise UserError(f"cannot read the image {e}") from None
+        figures = {"evidence": noah.show_evidence({"NOAH" if with_noah else "GAP + FC": model}, image, classes,
+                                                  args.top_k, mean, std)}
+        if with_noah:
+            figures["pocas"] = noah.show_pocas(model, image, classes, args.top_k, mean, std)
+        stem = pathlib.Path(image_path).stem
+        stems[stem] = stems.get(stem, 0) + 1
+        if stems[stem] > 1:  # a/gray.png, b/gray.png -> gray, gray_2
+            stem = f"{stem}_{stems[stem]}"
+        for kind, figure in figures.items():
+            path = os.path.join(args.checkpoint, f"{kind}_{stem}.png")
+            figure.savefig(path, dpi=110)
+            plt.close(figure)  # pyplot would keep every figure of a long list of images in memory
+            print(f"{image_path} -> {path}")
+            written.append(path)
+    return written
 
 
 # --- 5. The run: one epoch of training, evaluation, and main -------------------------------------------------------
@@ -719,7 +744,8 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     net.train()
-    started, seen, unreadable, looked, last_line = time.time(), 0, 0, 0, time.time()  # seen: all processes' images
+    started = last_line = time.time()
+    seen = unreadable = looked = 0  # images (of all processes), unreadable ones; looked: the step the loss was read
     sums = torch.zeros(2, dtype=torch.float64, device=procs.device)  # loss x images, top-1 hits (moot with MixUp)
     epoch_images, steps = len(loader) * loader.batch_size * procs.world, len(loader)
     bar = tqdm(batches, total=steps, desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,

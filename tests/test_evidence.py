@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import localize
 import noah
 from helpers import build
 
@@ -58,10 +59,10 @@ def test_evidence_in_box_counts_each_cell_by_the_share_the_box_covers():
     maps = torch.tensor([[[1.0, 3.0], [0.0, -2.0]]])  # a 2 x 2 grid over a 64 x 64 image: cells of 32 x 32
     whole_cell = torch.tensor([[32.0, 0, 64, 32]])  # exactly the top-right cell
     half_cell = torch.tensor([[0.0, 0, 16, 32]])  # the left half of the top-left cell
-    assert noah.evidence_in_box(maps, whole_cell, (64, 64)).item() == pytest.approx(3 / 4)  # negatives do not count
-    assert noah.evidence_in_box(maps, half_cell, (64, 64)).item() == pytest.approx(0.5 / 4)
+    assert localize.evidence_in_box(maps, whole_cell, (64, 64)).item() == pytest.approx(3 / 4)  # negatives do not count
+    assert localize.evidence_in_box(maps, half_cell, (64, 64)).item() == pytest.approx(0.5 / 4)
     uniform = torch.ones(1, 4, 4)
-    assert noah.evidence_in_box(uniform, torch.tensor([[8.0, 8, 40, 24]]), (64, 64)).item() == pytest.approx(
+    assert localize.evidence_in_box(uniform, torch.tensor([[8.0, 8, 40, 24]]), (64, 64)).item() == pytest.approx(
         32 * 16 / 64 ** 2)  # a uniform map scores the box's share of the image
 
 
@@ -112,7 +113,7 @@ def test_show_evidence_puts_noah_and_gap_side_by_side():
 def csv_rows():
     import csv
 
-    return list(csv.DictReader(open(noah.IMAGENETTE_BOXES)))
+    return list(csv.DictReader(open(localize.IMAGENETTE_BOXES)))
 
 
 def test_the_boxes_csv_holds_imagenettes_imagenet_validation_images_and_their_boxes():
@@ -139,7 +140,7 @@ def some_box_images(root, files=30, size=(100, 80)):
 
 def test_read_boxes_scales_each_box_by_the_size_of_the_image_it_reads(tmp_path):
     seen = some_box_images(tmp_path, files=30, size=(100, 80))
-    found = noah.read_boxes(tmp_path)
+    found = localize.read_boxes(tmp_path)
     assert len(found) == 30
     rows = csv_rows()
     for path, wnid, boxes in found:
@@ -149,7 +150,7 @@ def test_read_boxes_scales_each_box_by_the_size_of_the_image_it_reads(tmp_path):
         expected = [[int(r["x0"]) * 100 / W, int(r["y0"]) * 80 / H, int(r["x1"]) * 100 / W, int(r["y1"]) * 80 / H]
                     for r in original]
         assert torch.allclose(boxes, torch.tensor(expected))
-    assert noah.read_boxes(tmp_path, split="train") == []  # nothing there
+    assert localize.read_boxes(tmp_path, split="train") == []  # nothing there
 
 
 def padded(box_list):
@@ -169,20 +170,21 @@ def box_indicator(box, size):
 
 def test_maps_on_each_true_box_score_every_image_and_maps_beside_them_do_not(tmp_path):
     some_box_images(tmp_path, files=20, size=(112, 112))
-    found = noah.read_boxes(tmp_path)
+    found = localize.read_boxes(tmp_path)
     boxes = padded([b for _, _, b in found])
     on_box = torch.stack([box_indicator(b[0], 112) for _, _, b in found])  # each image's first box
     peaked = torch.zeros(len(found), 112, 112)
     for i, (_, _, b) in enumerate(found):
         x, y = int((b[-1, 0] + b[-1, 2]) / 2), int((b[-1, 1] + b[-1, 3]) / 2)  # its last box's centre
         peaked[i, y, x] = 1
-    assert noah.pointing_game(peaked, boxes, (112, 112)).all()
-    hits = noah.box_hits(on_box, boxes, (112, 112), thresholds=4, grid=(112, 112))
+    assert localize.pointing_game(peaked, boxes, (112, 112)).all()
+    hits = localize.box_hits(on_box, boxes, (112, 112), thresholds=4, grid=(112, 112))
     assert hits[:, 1:].all()  # at thresholds 1/4 to 3/4 the region is the box itself (at 0: the whole image)
-    assert noah.evidence_in_box(on_box, boxes, (112, 112)).min() > 0.95  # edge pixels are partly outside
+    assert localize.evidence_in_box(on_box, boxes, (112, 112)).min() > 0.95  # edge pixels are partly outside
     away = torch.roll(on_box, shifts=(56, 56), dims=(1, 2))  # the same regions, half an image away
-    assert noah.box_hits(away, boxes, (112, 112), thresholds=4, grid=(112, 112)).float().mean(0).max() < 0.7
-    assert noah.pointing_game(torch.roll(peaked, shifts=(56, 56), dims=(1, 2)), boxes, (112, 112)).float().mean() < 1
+    assert localize.box_hits(away, boxes, (112, 112), thresholds=4, grid=(112, 112)).float().mean(0).max() < 0.7
+    peaked_away = torch.roll(peaked, shifts=(56, 56), dims=(1, 2))
+    assert localize.pointing_game(peaked_away, boxes, (112, 112)).float().mean() < 1
 
 
 def test_box_hits_takes_the_best_of_every_region_and_joins_diagonal_cells():
@@ -190,7 +192,7 @@ def test_box_hits_takes_the_best_of_every_region_and_joins_diagonal_cells():
     maps[0, 0:2, 0:2] = 1.0  # a small region, top left
     maps[0, 5:8, 5:8] = 0.75  # the object's region, bottom right, lower in the map
     truth = torch.tensor([[40.0, 40, 64, 64]])  # (x0, y0, x1, y1): the bottom-right 3 x 3 cells of 8 px
-    hits = noah.box_hits(maps, truth, (64, 64), thresholds=10, grid=(8, 8))[0]
+    hits = localize.box_hits(maps, truth, (64, 64), thresholds=10, grid=(8, 8))[0]
     assert hits[1:8].all() and not hits[0] and not hits[8:].any()  # at 0: the whole image; above 0.75: top left
     diagonal = torch.eye(8)[None]  # cells touching at their corners: one region, the whole image's box
-    assert noah.box_hits(diagonal, torch.tensor([[0.0, 0, 64, 64]]), (64, 64), thresholds=2, grid=(8, 8)).all()
+    assert localize.box_hits(diagonal, torch.tensor([[0.0, 0, 64, 64]]), (64, 64), thresholds=2, grid=(8, 8)).all()

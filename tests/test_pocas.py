@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import data
+import localize
 import noah
 import train
 from helpers import build
@@ -58,7 +59,7 @@ def test_pointing_game_points_at_the_centre_of_the_peak_cell():
     maps[1, 1, 0] = 1  # (x 16, y 48)
     maps[2, 1, 1] = 1  # (x 48, y 48)
     boxes = torch.tensor([[70.0, 10, 90, 20], [20.0, 40, 30, 60], [47.0, 47, 49, 49]])
-    assert noah.pointing_game(maps, boxes, (64, 96)).tolist() == [True, False, True]
+    assert localize.pointing_game(maps, boxes, (64, 96)).tolist() == [True, False, True]
 
 
 @pytest.fixture(scope="session")
@@ -80,9 +81,9 @@ def test_pointing_game_of_a_briefly_trained_model_is_well_above_chance(shapes_mo
     labels = torch.tensor([validation.sample(i)[1] for i in range(300)])
     boxes = torch.stack([validation.sample(i)[2] for i in range(300)])
     maps, predicted, _ = noah.poca_maps(shapes_model, images, upsample=False)
-    hits = noah.pointing_game(maps.sum(dim=1), boxes, (128, 128)).float().mean().item()
+    hits = localize.pointing_game(maps.sum(dim=1), boxes, (128, 128)).float().mean().item()
     random_point = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) / 128 ** 2).mean().item()
-    centre = noah.pointing_game(torch.ones(300, 1, 1), boxes, (128, 128)).float().mean().item()
+    centre = localize.pointing_game(torch.ones(300, 1, 1), boxes, (128, 128)).float().mean().item()
     assert (predicted == labels).float().mean() > 0.8
     # Margins that this model clears on each of the three seeds docs/init.md measures: accuracy hardly moves
     # across seeds, but how often the maps point at the object does, by a factor of two. A broken map (its

@@ -194,7 +194,10 @@ def test_learning_rate_follows_the_original_schedules():
     assert [train.lr_at(args, e) for e in (0, 50, 100)] == pytest.approx([0.1, 0.05, 0.0])
     args.lr_decay = "linear"
     assert [train.lr_at(args, e) for e in (0, 25, 99)] == pytest.approx([0.1, 0.075, 0.001])
-    args.warmup_epochs, args.warmup_lr, args.min_lr, args.lr_decay = 5, 1e-6, 1e-5, "cos"
+    args.warmup_epochs = 5
+    args.warmup_lr = 1e-6
+    args.min_lr = 1e-5
+    args.lr_decay = "cos"
     assert train.lr_at(args, 0) == 1e-6 and train.lr_at(args, 4) == pytest.approx(1e-6 + 4 * (0.1 - 1e-6) / 5)
     assert train.lr_at(args, 5) == pytest.approx(1e-5 + (0.1 - 1e-5) * (1 + math.cos(math.pi * 5 / 100)) / 2)
 
