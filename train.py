@@ -573,7 +573,7 @@ def read_checkpoint_file(path):
         raise UserError(str(e)) from None
 
 
-def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
+def restore_run(args, checkpoint, model, optimizer, scaler, ema, procs):
     """Where a resumed run of train.py stopped: -> first epoch, best top-1, the log so far (read beside the resumed
     file, also when the run forks). A file of another program only gave its weights: the run starts at epoch 1."""
     if checkpoint is None:
@@ -581,10 +581,7 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     if "config" not in checkpoint:
         procs.print(f"{args.resume} was not written by train.py: its weights are loaded, training starts at epoch 1")
         return 0, 0.0, []
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except ValueError as e:
-        raise UserError(f"{args.resume}: its optimizer state does not fit this run ({e})") from None
+    restore_optimizer(optimizer, checkpoint, model, args, procs)
     if checkpoint.get("scaler") and scaler.is_enabled():  # else a scaler starts anew (float16 added) or is unused
         scaler.load_state_dict(checkpoint["scaler"])
     if ema is not None and "ema" in checkpoint:
@@ -594,6 +591,30 @@ def restore_run(args, checkpoint, optimizer, scaler, ema, procs):
     if procs.is_main and os.path.exists(log_path):
         log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
     return start_epoch, float(checkpoint["best_acc"]), log
+
+
+def restore_optimizer(optimizer, checkpoint, model, args, procs):
+    """The resumed run's optimizer state (SGD's momentum, AdamW's moments) under this run's hyperparameters: each
+    parameter's state follows it into the groups that the flags make now, so that a --wd, --momentum, --opt-eps,
+    --backbone-lr-scale or --nowd-bn given on resuming acts from the first step. Another --opt starts the state
+    anew (SGD's momentum means nothing to AdamW), and says so."""
+    saved_args = checkpoint.get("args") or {}
+    if saved_args.get("opt", args.opt) != args.opt:
+        procs.print(f"--opt {args.opt}: the resumed run used {saved_args['opt']}, whose state {args.opt} cannot use; "
+                    f"the optimizer's state starts anew")
+        return
+    saved = checkpoint["optimizer"]
+    nowd_bn = saved_args.get("nowd_bn", args.nowd_bn)
+    scale = saved_args.get("backbone_lr_scale", args.backbone_lr_scale)
+    saved_order = [p for group in param_groups(model, 0.0, nowd_bn, scale) for p in group["params"]]  # its indices
+    now = optimizer.state_dict()
+    index_now = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    saved_count = sum(len(group["params"]) for group in saved["param_groups"])
+    if saved_count != len(saved_order) or not set(saved["state"]) <= set(range(saved_count)):
+        raise UserError(f"{args.resume}: its optimizer state holds {saved_count} parameters, this model "
+                        f"{len(saved_order)}: it does not fit this run")
+    state = {index_now[saved_order[i]]: value for i, value in saved["state"].items()}
+    optimizer.load_state_dict({"state": state, "param_groups": now["param_groups"]})
 
 
 @contextlib.contextmanager
@@ -930,7 +951,7 @@ def main(argv=None):
         if args.evaluate:
             return evaluate_and_report(net, val_loader, procs)
         optimizer, scaler, ema = build_optimizer(model, args, procs)
-        start_epoch, best_acc, log = restore_run(args, checkpoint, optimizer, scaler, ema, procs)
+        start_epoch, best_acc, log = restore_run(args, checkpoint, model, optimizer, scaler, ema, procs)
         del checkpoint  # restored: its weights and optimizer state (a gigabyte for DeiT-B) need not stay in memory
         mixup_cutmix = data.build_mixup_cutmix(args, len(classes))
         with interruptible(args.checkpoint):
