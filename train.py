@@ -476,6 +476,29 @@ def build_model(args, num_classes, checkpoint, procs):
     return model.to(procs.device, memory_format=procs.memory_format), config
 
 
+def build_datasets_once(args, procs):
+    """data.build_datasets on every process, where the first process of each machine goes first: a download
+    (Imagenette, CIFAR into an empty --data) is made once per machine while the others wait, and then all read
+    it. If it fails, every process ends with its one line."""
+    if not procs.distributed:
+        return data.build_datasets(args)
+    first_on_machine = int(os.environ.get("LOCAL_RANK", 0)) == 0
+    failure = None
+    if first_on_machine:
+        try:
+            built = data.build_datasets(args)
+        except UserError as e:
+            failure = str(e)
+    failures = [None] * procs.world
+    dist.all_gather_object(failures, failure, group=procs.host_group)  # the others wait here for the download
+    failure = next((f for f in failures if f), None)
+    if failure:
+        raise UserError(failure)
+    if not first_on_machine:
+        built = data.build_datasets(args)
+    return built
+
+
 def check_classes(checkpoint, classes, args):
     """A train.py checkpoint names its classes: the data must have the same in the same order, or its
     accuracy means nothing."""
@@ -938,7 +961,7 @@ def main(argv=None):
         if args.show_pocas:
             classes = figure_classes(checkpoint, args)
         else:
-            train_set, val_set, classes = data.build_datasets(args)
+            train_set, val_set, classes = build_datasets_once(args, procs)
             check_classes(checkpoint, classes, args)
         model, config = build_model(args, len(classes), checkpoint, procs)
         procs.print(f"{describe(config)}: {sum(p.numel() for p in model.parameters()):,} parameters, {len(classes)} "

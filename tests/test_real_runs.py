@@ -3,6 +3,7 @@ kind, RandAugment at the ends of its ranges, torchrun as a user starts it (no --
 with its grad scaler, run on the CPU as a GPU runs it (NOAH_FLOAT16_ON_CPU=1)."""
 import os
 import re
+import types
 from collections import Counter
 
 import pytest
@@ -186,7 +187,7 @@ def test_the_precision_is_decided_per_run_and_the_flags_keep_what_was_asked(imag
 def imagenette_server(tmp_path):
     """An HTTP server on 127.0.0.1 serving imagenette2-160.tgz in the real archive's layout (imagenette2-160/
     train|val/<wnid>/*.JPEG, 160 px on the short side, plus its CSV of noisy labels), two images per class
-    and split; -> the base URL."""
+    and split; -> the server: its base URL (.url) and the paths it was asked for (.requests)."""
     import functools
     import http.server
     import tarfile
@@ -203,16 +204,22 @@ def imagenette_server(tmp_path):
     served.mkdir()
     with tarfile.open(served / "imagenette2-160.tgz", "w:gz") as archive:
         archive.add(tree, arcname="imagenette2-160")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            super().do_GET()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
+    yield types.SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", requests=requests)
     server.shutdown()
 
 
 @pytest.mark.slow
 def test_the_imagenette_preset_downloads_extracts_and_trains_from_an_empty_folder(imagenette_server, tmp_path):
-    root, env = tmp_path / "data", {data.IMAGENETTE_URL: imagenette_server}
+    root, env = tmp_path / "data", {data.IMAGENETTE_URL: imagenette_server.url}
     args = ["--preset", "imagenette", "--data", root, "--img-size", 32, "--epochs", 1, "--train-batch", 10,
             "--workers", 0, "--checkpoint", tmp_path / "ck"]
     done = run(args, env=env)
@@ -226,11 +233,35 @@ def test_the_imagenette_preset_downloads_extracts_and_trains_from_an_empty_folde
 
 
 @pytest.mark.slow
+def test_under_torchrun_one_process_downloads_and_all_train_on_it(imagenette_server, tmp_path):
+    """As many requests as one process's download makes (torchvision asks twice: once to follow redirects)."""
+    env = {data.IMAGENETTE_URL: imagenette_server.url}
+    args = lambda folder: ["--preset", "imagenette", "--data", folder, "--img-size", 32, "--epochs", 1,  # noqa: E731
+                           "--train-batch", 10, "--workers", 0, "--checkpoint", tmp_path / "ck"]
+    run(args(tmp_path / "alone"), env=env)
+    one_download = list(imagenette_server.requests)
+    imagenette_server.requests.clear()
+    done = run(args(tmp_path / "data"), nproc=2, env=env)
+    assert imagenette_server.requests == one_download and set(one_download) == {"/imagenette2-160.tgz"}
+    assert "epoch 1/1" in done.stdout and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["imagenette2-160"]
+
+
+@pytest.mark.slow
+def test_under_torchrun_a_failed_download_ends_every_process_with_one_line(tmp_path):
+    args = ["--preset", "imagenette", "--data", tmp_path / "data", "--img-size", 32, "--epochs", 1, "--workers", 0,
+            "--checkpoint", tmp_path / "ck"]
+    done = run(args, nproc=2, check=False, env={data.IMAGENETTE_URL: "http://127.0.0.1:9"})  # nothing answers there
+    fails_cleanly(done, "error: could not download http://127.0.0.1:9/imagenette2-160.tgz")
+    assert done.stderr.count("error: could not download") == 1  # the first process says it, for all
+    assert done.stderr.count("Traceback") == 1 and "ChildFailedError" in done.stderr  # torchrun's own report only
+
+
+@pytest.mark.slow
 def test_a_half_extracted_imagenette_folder_gets_one_line(imagenette_server, tmp_path):
     for split, wnids in (("train", list(data.IMAGENETTE_CLASSES)), ("val", list(data.IMAGENETTE_CLASSES)[:3])):
         for wnid in wnids:  # as tar leaves it when cut: train/ whole, val/ begun
             (tmp_path / "data" / "imagenette2-160" / split / wnid).mkdir(parents=True)
     done = run(["--preset", "imagenette", "--data", tmp_path / "data", "--img-size", 32, "--epochs", 1,
-                "--checkpoint", tmp_path / "ck"], check=False, env={data.IMAGENETTE_URL: imagenette_server})
+                "--checkpoint", tmp_path / "ck"], check=False, env={data.IMAGENETTE_URL: imagenette_server.url})
     fails_cleanly(done, "imagenette2-160/val has no class folder n03000684, n03028079")
     assert "delete" in done.stderr and "to download it" in done.stderr
