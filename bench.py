@@ -317,18 +317,22 @@ def data_pipeline(worker_counts, variant, batch, img_size, model, training_image
         for workers in tqdm(worker_counts, desc="5. data", leave=False):
             args = train.parse_args(["--data", folder, "--img-size", str(img_size), "--workers", str(workers),
                                      "--train-batch", str(batch), "--manualSeed", "0"])
-            train_set = torchvision.datasets.ImageFolder(os.path.join(folder, "train"), data.build_transforms(
-                args, train=True), loader=data.read_image)
+            transform = data.build_transforms(args, train=True, normalize=False)  # as train.py's loader: uint8
+            images_folder = os.path.join(folder, "train")
+            train_set = torchvision.datasets.ImageFolder(images_folder, transform, loader=data.read_image)
             loader, _ = data.build_loaders(args, train_set, train_set, 1, 0, pin=variant.device.type == "cuda")
             batches = iter(loader)
             for _ in range(workers + 1):
                 next(batches)
             started = time.perf_counter()
-            seen = sum(len(next(batches)[0]) for _ in range(timed))  # batches: images, labels, unreadable images
+            images = [next(batches)[0] for _ in range(timed)]  # batches: images, labels, unreadable images
             elapsed = time.perf_counter() - started
+            seen = sum(len(batch_images) for batch_images in images)
+            batch_mb = images[0].element_size() * images[0].nelement() / 2 ** 20
             rows.append(dict(section="5. data", name=f"train.py loader, {workers} workers, {timed} batches of JPEGs "
                              f"500x375 -> {img_size} (crop, flip)", **variant.setting(batch, img_size),
-                             images_per_s=seen / elapsed, model=model, model_images_per_s=training_images_per_s,
+                             images_per_s=seen / elapsed, batch_mb=batch_mb, dtype_in_batches=str(images[0].dtype),
+                             model=model, model_images_per_s=training_images_per_s,
                              limit="data" if seen / elapsed < training_images_per_s else "model"))
     return rows
 
@@ -364,8 +368,8 @@ def print_table(rows):
             result = f"NOAH {r['noah_mb']:.0f} MB, GAP {r['gap_mb']:.0f} MB: x{r['ratio']:.3f}"
         elif r["section"] == "5. data":
             timing = f"{'':>10s} {'':>15s}"
-            result = (f"{r['images_per_s']:.0f} img/s ({r['model']} trains {r['model_images_per_s']:.1f} img/s): "
-                      f"{r['limit']} limits")
+            result = (f"{r['images_per_s']:.0f} img/s, {r['batch_mb']:.1f} MB a batch ({r['dtype_in_batches']}) "
+                      f"({r['model']} trains {r['model_images_per_s']:.1f} img/s): {r['limit']} limits")
         else:
             timing = f"{r['median_ms']:10.2f} {r['p25_ms']:7.2f}-{r['p75_ms']:<7.2f}"
             result = f"{r['against']} {r['against_ms']:.2f} ms; ratio {r['ratio']:.3f} ({r['ratio_is']})"

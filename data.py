@@ -98,7 +98,8 @@ def read_image(path):
 
 def build_datasets(args):
     """-> train set, validation set, class names."""
-    train_tf, val_tf = build_transforms(args, train=True), build_transforms(args, train=False)
+    train_tf = build_transforms(args, train=True, normalize=False)
+    val_tf = build_transforms(args, train=False, normalize=False)
     if args.dataset in ("imagenet", "folder"):
         if not args.data:
             raise UserError(f"--dataset {args.dataset} needs --data: a folder with train/ and val/")
@@ -219,25 +220,39 @@ def eval_transform(img_size, crop_pct=0.875, interpolation="bilinear", mean=noah
                    std=noah.MEAN_STD["imagenet"][1]):
     """A picture as a model sees it in evaluation: resized to img_size / crop_pct, centre-cropped to
     img_size, normalized. `eval_transform(size, **model.data_config)` prepares it as its model expects."""
+    return v2.Compose(centre_crop(img_size, crop_pct, interpolation) + to_normalized_tensor(mean, std))
+
+
+def centre_crop(img_size, crop_pct, interpolation):
     resize = v2.Resize(int(img_size / crop_pct), v2.InterpolationMode(interpolation))
-    return v2.Compose([resize, v2.CenterCrop(img_size), *to_normalized_tensor(mean, std)])
+    return [resize, v2.CenterCrop(img_size)]
 
 
 def to_normalized_tensor(mean, std):
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
 
 
-def build_transforms(args, train):
+def build_transforms(args, train, normalize=True):
     """ImageNet-style augmentation for photos (random resized crop, flip, [RandAugment], [RandomErasing]);
     CIFAR's pad-and-crop; a flip for the synthetic sets. To evaluate: `eval_transform` (for the sets other
     than photos, whose images come at the model's size, without the crop margin: that is the identity, and
-    any other picture is fitted whole)."""
+    any other picture is fitted whole).
+
+    normalize=False (the loaders'): pictures leave as uint8 tensors, a quarter of float32's bytes through the
+    workers' shared memory and the copy to the device, where `normalize_batch` makes them what normalize=True
+    gives. Shapes (drawn in float) and a training set with RandomErasing (its random-normal pixels belong to
+    the normalized scale) are normalized here all the same."""
     mean, std = noah.MEAN_STD[args.normalize]
     photos = args.dataset in ("imagenet", "folder", "imagenette")
+    erasing = train and args.reprob > 0 and args.dataset not in ("shapes", "fake")
+    if normalize or erasing or args.dataset == "shapes":
+        to_tensor = to_normalized_tensor(mean, std)
+    else:
+        to_tensor = [v2.ToImage()]  # uint8
     if not train:
-        return eval_transform(args.img_size, args.crop_pct if photos else 1.0, args.interpolation, mean, std)
+        return v2.Compose(centre_crop(args.img_size, args.crop_pct if photos else 1.0, args.interpolation) + to_tensor)
     if args.dataset in ("shapes", "fake"):
-        return v2.Compose([v2.RandomHorizontalFlip(), *to_normalized_tensor(mean, std)])
+        return v2.Compose([v2.RandomHorizontalFlip(), *to_tensor])
     interpolation = args.train_interpolation or args.interpolation
     modes = ["bilinear", "bicubic"] if interpolation == "random" else [interpolation]
     modes = [v2.InterpolationMode(mode) for mode in modes]
@@ -253,8 +268,20 @@ def build_transforms(args, train):
     augment = []
     if args.randaug:
         augment.append(RandAugment(args.randaug_n, args.randaug, args.randaug_mstd, interpolation, fill))
-    erase = [v2.RandomErasing(args.reprob, value="random")] if args.reprob else []
-    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_normalized_tensor(mean, std) + erase)
+    erase = [v2.RandomErasing(args.reprob, value="random")] if erasing else []
+    return v2.Compose(crop + [v2.RandomHorizontalFlip()] + augment + to_tensor + erase)
+
+
+def normalize_batch(images, normalize):
+    """A batch as the model takes it: the loader's uint8 pictures scaled to [0, 1] and normalized with
+    noah.MEAN_STD[normalize] on their device (exactly what `build_transforms(normalize=True)` computes, to float
+    rounding); a batch that the loader normalized already (float) as it is."""
+    if images.dtype != torch.uint8:
+        return images
+    mean, std = noah.MEAN_STD[normalize]
+    mean = torch.tensor(mean, device=images.device).reshape(1, 3, 1, 1)
+    std = torch.tensor(std, device=images.device).reshape(1, 3, 1, 1)
+    return (images.float() / 255 - mean) / std
 
 
 class RandAugment:

@@ -114,7 +114,7 @@ def get_parser():
     families = [textwrap.fill(", ".join(noah.list_models([family])), 100, initial_indent=f"  {family:<13}",
                               subsequent_indent=" " * 15) for family in RECIPES]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = min(4, cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # torchrun's processes share the cores
+    workers = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes share the cores
     p = argparse.ArgumentParser(usage="python train.py [--preset NAME] [--data DIR] [flags]   (or torchrun ... "
                                 "train.py ...)", description="Train or evaluate a model of noah.py. The original's "
                                 "flags with _ or capitals also take\nhyphens: --use-noah, --head-num, --key-ratio, "
@@ -140,7 +140,8 @@ def get_parser():
     add("-d", "--data", metavar="DIR", help="dataset folder: train/ and val/ of class folders, or where to download")
     add("--dataset", choices=["imagenet", "folder", "imagenette", "cifar10", "cifar100", "shapes", "fake"],
         help="default: imagenet when --data is given, else the quick run's shapes")
-    add("-j", "--workers", type=bounded(int, ">= 0"), default=workers, help="loaders per process: its cores, at most 4")
+    add("-j", "--workers", type=bounded(int, ">= 0"), default=workers,
+        help="loader processes per process: its share of the cores (docs/performance.md, section 5)")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
     add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
@@ -784,9 +785,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     loader.sampler.set_epoch(epoch)
     batches = iter(loader)  # starting the loader draws random numbers, so reseed after it
     reseed(args.manualSeed, epoch, procs.rank)
-    lr = epoch_lr(args, epoch)
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_scale"]
+    lr = set_learning_rate(optimizer, epoch_lr(args, epoch))
     net.train()
     started = last_line = time.time()
     seen = unreadable = looked = 0  # images (of all processes), unreadable ones; looked: the step the loss was read
@@ -807,7 +806,8 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
                 last_line = progress_line(epoch, step, steps, seen, loss_sum, lr, started, args)  # a log: no bar
             looked = step
         seen += readable
-        images, labels = images.to(procs.device, non_blocking=True), labels.to(procs.device, non_blocking=True)
+        images = data.normalize_batch(images.to(procs.device, non_blocking=True), args.normalize)
+        labels = labels.to(procs.device, non_blocking=True)
         images, targets = (images, labels) if mixup_cutmix is None else mixup_cutmix(images, labels)  # soft targets
         images = images.contiguous(memory_format=procs.memory_format)  # after MixUp: on a GPU its roll drops it
         with procs.autocast():
@@ -828,6 +828,13 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     seconds = time.time() - started  # train top-1: on augmented images, in train mode
     return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
                 images_per_s=seen / seconds, seconds=seconds, unreadable_train_images=int(unreadable))
+
+
+def set_learning_rate(optimizer, lr):
+    """The epoch's lr into each parameter group, times its lr_scale (--backbone-lr-scale) -> lr."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_scale"]
+    return lr
 
 
 def progress_line(epoch, step, steps, seen, loss_sum, lr, started, args):
@@ -885,9 +892,9 @@ def stop_if_not_finite(loss, where, args):
         raise UserError(f"the {where} became {loss}; stopping ({last}). Try a lower --lr or --clip-grad.")
 
 
-def evaluate(net, loader, procs, progress=True):
+def evaluate(net, loader, procs, normalize, progress=True):
     """Top-1, top-5 (%) and the mean loss over the whole validation set, every image counted once (the
-    unreadable ones are skipped and counted apart)."""
+    unreadable ones are skipped and counted apart). normalize: the name of the inputs' mean and std."""
     net.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=procs.device)  # loss sum, top-1 hits, top-5 hits
     images_seen, unreadable = 0, 0
@@ -898,7 +905,8 @@ def evaluate(net, loader, procs, progress=True):
             unreadable, images_seen = unreadable + skipped, images_seen + (0 if images is None else len(images))
             if images is None:
                 continue
-            images = images.to(procs.device, non_blocking=True, memory_format=procs.memory_format)
+            images = data.normalize_batch(images.to(procs.device, non_blocking=True), normalize)
+            images = images.contiguous(memory_format=procs.memory_format)
             targets = targets.to(procs.device, non_blocking=True)
             with procs.autocast():
                 logits = net(images)
@@ -913,18 +921,18 @@ def evaluate(net, loader, procs, progress=True):
 
 def evaluate_epoch(net, ema, loader, record, epoch, args, procs):
     """Evaluate after a training epoch (and the EMA weights, if any) into the epoch's record -> the result."""
-    result = evaluate(net, loader, procs)
+    result = evaluate(net, loader, procs, args.normalize)
     stop_if_not_finite(result["loss"], f"validation loss after epoch {epoch + 1}", args)
     record.update(epoch=epoch + 1, val_loss=result["loss"], val_top1=result["top1"], val_top5=result["top5"],
                   unreadable_val_images=result["unreadable"])
     if ema is not None:
-        record["ema_val_top1"] = evaluate(ema, loader, procs, progress=False)["top1"]
+        record["ema_val_top1"] = evaluate(ema, loader, procs, args.normalize, progress=False)["top1"]
     return result
 
 
-def evaluate_and_report(net, loader, procs):
+def evaluate_and_report(net, loader, procs, normalize):
     """--evaluate: top-1 and top-5 printed as the original prints them, and as a sentence."""
-    result = evaluate(net, loader, procs)
+    result = evaluate(net, loader, procs, normalize)
     if not math.isfinite(result["loss"]):
         raise UserError(f"the validation loss is {result['loss']}: the model's outputs are not finite (so no accuracy)")
     procs.print(f"Test Loss: {result['loss']:.8f}, Test Acc: {result['top1']:.2f}, top-1 {result['top1']:.2f}% "
@@ -972,7 +980,7 @@ def main(argv=None):
         train_loader, val_loader = data.build_loaders(args, train_set, val_set, procs.world, procs.rank,
                                                       pin=procs.device.type == "cuda")
         if args.evaluate:
-            return evaluate_and_report(net, val_loader, procs)
+            return evaluate_and_report(net, val_loader, procs, args.normalize)
         optimizer, scaler, ema = build_optimizer(model, args, procs)
         start_epoch, best_acc, log = restore_run(args, checkpoint, model, optimizer, scaler, ema, procs)
         del checkpoint  # restored: its weights and optimizer state (a gigabyte for DeiT-B) need not stay in memory

@@ -58,7 +58,7 @@ def test_a_step_is_one_all_reduce_of_host_numbers_and_reads_the_device_every_few
         assert len(reads) == STEPS // train.LOOK_EVERY + 1, reads  # the loss so far, then the epoch's sums
         shared.clear()
         reads.clear()
-        assert train.evaluate(model, val_loader, procs)["images"] == 10
+        assert train.evaluate(model, val_loader, procs, args.normalize)["images"] == 10
         assert len(shared) == 1 and reads == ["tolist"], reads  # the sums, once
     finally:
         dist.destroy_process_group()
@@ -79,7 +79,7 @@ def test_channels_last_reaches_the_model_after_mixup_and_in_evaluation(tmp_path)
         train.train_one_epoch(model, model, train_loader, *updaters, mixed_as_on_a_gpu, 0, args, procs)
         assert len(layouts) == STEPS and all(layouts)
         layouts.clear()
-        train.evaluate(model, val_loader, procs)
+        train.evaluate(model, val_loader, procs, args.normalize)
         assert layouts and all(layouts)
     finally:
         dist.destroy_process_group()

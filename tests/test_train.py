@@ -246,6 +246,34 @@ def test_two_seeds_shuffle_independently_at_every_pair_of_epochs():
                 assert order[:10] != other[:10]
 
 
+@pytest.mark.parametrize("train_split", [True, False])
+def test_pictures_travel_as_uint8_and_are_normalized_on_the_device_as_before(image_folder, train_split):
+    """The loader's uint8 batch, normalized by data.normalize_batch, is the normalized batch it used to make."""
+    args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--randaug", "9", "--manualSeed", "3",
+                             "--crop-pct", "0.8"])
+    folder = image_folder / ("train" if train_split else "val")
+    made = {}
+    for normalize in (True, False):
+        transform = data.build_transforms(args, train=train_split, normalize=normalize)
+        samples = data.Samples(torchvision.datasets.ImageFolder(folder, transform, loader=data.read_image))
+        made[normalize] = torch.stack([samples[(i, 1000 + i)][0] for i in range(len(samples))])
+    assert made[False].dtype == torch.uint8 and made[True].dtype == torch.float32
+    torch.testing.assert_close(data.normalize_batch(made[False], args.normalize), made[True], rtol=0, atol=1e-5)
+
+
+def test_a_batch_is_uint8_unless_the_loader_must_normalize(image_folder):
+    """Shapes are drawn in float, and RandomErasing's random-normal pixels belong to the normalized scale."""
+    for flags, dtype in ((["--data", str(image_folder)], torch.uint8), (["--dataset", "shapes"], torch.float32),
+                         (["--data", str(image_folder), "--reprob", "0.5"], torch.float32)):
+        args = train.parse_args(flags + ["--img-size", "32", "--train-batch", "4", "--workers", "0", "--manualSeed",
+                                         "0"])
+        train_set, val_set, _ = data.build_datasets(args)
+        loader, _ = data.build_loaders(args, train_set, val_set, 1, 0, False)
+        images = next(iter(loader))[0]
+        assert images.dtype == dtype, flags
+        assert data.normalize_batch(images, args.normalize).dtype == torch.float32
+
+
 def test_an_epochs_random_numbers_do_not_depend_on_the_data_loading_workers(image_folder):
     args = train.parse_args(["--data", str(image_folder), "--img-size", "32", "--manualSeed", "5",
                              "--train-batch", "6"])
