@@ -278,10 +278,16 @@ def normalize_batch(images, normalize):
     rounding); a batch that the loader normalized already (float) as it is."""
     if images.dtype != torch.uint8:
         return images
-    mean, std = noah.MEAN_STD[normalize]
-    mean = torch.tensor(mean, device=images.device).reshape(1, 3, 1, 1)
-    std = torch.tensor(std, device=images.device).reshape(1, 3, 1, 1)
+    mean, std = mean_std_on(normalize, images.device)
     return (images.float() / 255 - mean) / std
+
+
+@functools.lru_cache(maxsize=None)
+def mean_std_on(normalize, device):
+    """noah.MEAN_STD[normalize] as two (1, 3, 1, 1) tensors on `device`, made once: a copy to a GPU at every
+    step would make the host wait for the GPU's queue of work."""
+    mean, std = noah.MEAN_STD[normalize]
+    return torch.tensor(mean).reshape(1, 3, 1, 1).to(device), torch.tensor(std).reshape(1, 3, 1, 1).to(device)
 
 
 class RandAugment:

@@ -304,8 +304,7 @@ def restore_arguments(args, argv, checkpoint):
 @dataclass
 class Processes:
     """Who this process is (the only one, or one of `world` under torchrun), its device and how it computes: `amp_dtype`
-    None (float32, TF32 where `tf32`) or its autocast's; `memory_format` the images'; `why` that precision was
-    chosen; counts sum over `host_group`."""
+    None (float32, TF32 where `tf32`) or its autocast's; `memory_format` the images'; counts sum over `host_group`."""
 
     distributed: bool
     world: int
@@ -314,7 +313,6 @@ class Processes:
     amp_dtype: torch.dtype = None
     tf32: bool = False
     memory_format: torch.memory_format = torch.contiguous_format
-    why: str = ""
     host_group: object = None
 
     @property
@@ -374,11 +372,10 @@ def choose_precision(args, device):
         dtype, why = args.amp_dtype, f"--use_amp --amp-dtype {args.amp_dtype} asks for it"
     elif on_cpu:
         found = native_bfloat16()
-        dtype = "bfloat16" if found else "float32"
         if found:
-            why = f"this CPU has {found} (--precision float32 for float32)"
+            dtype, why = "bfloat16", f"this CPU has {found} (--precision float32 for float32)"
         else:
-            why = "this CPU has no native bfloat16 (AMX or AVX512-BF16)"
+            dtype, why = "float32", "this CPU has no native bfloat16 (AMX or AVX512-BF16)"
         if args.use_amp:  # float16, e.g. a DeiT preset: its GPU precision
             why += "; --use_amp's float16 is for GPUs (a GPU resuming this run uses it)"
     else:
@@ -413,7 +410,7 @@ def processes(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         host_group = dist.new_group(backend="gloo") if device.type == "cuda" else None  # counts: no wait for the GPU
     procs = Processes(distributed, world, rank, device, amp_dtype=amp_dtype, tf32=args.tf32 and device.type == "cuda",
-                      memory_format=memory_format, why=why, host_group=host_group)
+                      memory_format=memory_format, host_group=host_group)
     procs.print(f"{procs.precision}: {why}")
     try:
         yield procs
