@@ -114,7 +114,8 @@ def get_parser():
     families = [textwrap.fill(", ".join(noah.list_models([family])), 100, initial_indent=f"  {family:<13}",
                               subsequent_indent=" " * 15) for family in RECIPES]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    workers = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes share the cores
+    share = cores // int(os.environ.get("LOCAL_WORLD_SIZE", 1))  # torchrun's processes share the cores
+    workers = share if torch.cuda.is_available() else share // 2  # on a CPU the other half computes the steps
     p = argparse.ArgumentParser(usage="python train.py [--preset NAME] [--data DIR] [flags]   (or torchrun ... "
                                 "train.py ...)", description="Train or evaluate a model of noah.py. The original's "
                                 "flags with _ or capitals also take\nhyphens: --use-noah, --head-num, --key-ratio, "
@@ -141,7 +142,8 @@ def get_parser():
     add("--dataset", choices=["imagenet", "folder", "imagenette", "cifar10", "cifar100", "shapes", "fake"],
         help="default: imagenet when --data is given, else the quick run's shapes")
     add("-j", "--workers", type=bounded(int, ">= 0"), default=workers,
-        help="loader processes per process: its share of the cores (docs/performance.md, section 5)")
+        help="loader processes per process: its share of the cores with a GPU, half of it on a CPU, where the "
+        "training needs the rest (docs/performance.md, section 5)")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
     add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")

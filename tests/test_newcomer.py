@@ -7,6 +7,7 @@ import time
 
 import matplotlib
 import pytest
+import torch
 
 import noah
 import train
@@ -89,12 +90,18 @@ def test_the_curves_of_a_one_epoch_run_show_a_point_at_epoch_one(tmp_path, monke
 
 
 def test_the_loaders_default_to_the_cores_each_process_has(monkeypatch):
-    """No cap: a GPU that trains thousands of images a second needs every core's loader (a node of 8 GPUs and 128
-    cores: 16 a process)."""
+    """No cap with a GPU, which trains thousands of images a second and needs every core's loader (a node of 8 GPUs
+    and 128 cores: 16 a process); on a CPU half of them, the training computing on the rest."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(128)))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert train.parse_args(["--dataset", "fake"]).workers == 128
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun with 8 processes on the node
     assert train.parse_args(["--dataset", "fake"]).workers == 16
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train.parse_args(["--dataset", "fake"]).workers == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train.parse_args(["--dataset", "fake"]).workers == 1  # this project's 2-core machine
 
 
 def test_figures_name_imagenet_folders_by_their_class():
