@@ -145,8 +145,9 @@ class NOAH(nn.Module):
         values = rearrange(x[:, self.key_channels:], "b (n d) h w -> n d (b h w)", n=self.head_num)  # (N, Cv/N, B*L)
         # 2. interaction: each class's query in each head scored against the key at every position,
         scores = per_image(self.query(keys))                  # (N, K, B, L)
-        #    a softmax over each image's positions (the POCAs), and each class's value at every position
-        attention = scores.softmax(dim=-1)                    # (N, K, B, L), sums to 1 over L
+        #    a softmax over each image's positions (the POCAs), and each class's value at every position; the
+        #    softmax in float32 under autocast too, as CUDA's autocast runs it (a CPU's would keep bfloat16)
+        attention = scores.float().softmax(dim=-1)            # (N, K, B, L), sums to 1 over L
         values = per_image(self.dropout(self.value(values)))  # (N, K, B, L)
         # 3. aggregation: attention times value, summed over the heads and the positions
         evidence = attention * values                         # (N, K, B, L)

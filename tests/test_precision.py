@@ -5,6 +5,7 @@ patched, so that these tests do not depend on the processor they run on."""
 import pytest
 import torch
 
+import noah
 import train
 from data import UserError
 from helpers import small_run, weights
@@ -102,3 +103,13 @@ def test_a_resumed_bfloat16_run_continues_exactly(image_folder, tmp_path, monkey
     resumed = weights(tmp_path / "resumed" / "checkpoint.pth.tar")
     assert saved(tmp_path / "resumed")["precision"] == "bfloat16 autocast, channels_last"
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_under_bfloat16_autocast_the_pocas_softmax_runs_in_float32_as_on_a_gpu():
+    """CUDA's autocast runs softmax in float32; a CPU's would keep bfloat16 (maps summing to 1 to 2-3 digits)."""
+    torch.manual_seed(0)
+    head = noah.NOAH(512, 6, head_num=4, key_ratio=0.5)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, pocas, evidence = head(torch.randn(2, 512, 4, 4), maps=True)
+    assert pocas.dtype == evidence.dtype == logits.dtype == torch.float32
+    torch.testing.assert_close(pocas.sum(dim=(-2, -1)), torch.ones(2, 4, 6), rtol=0, atol=1e-6)
