@@ -90,6 +90,11 @@ def weights(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
 
+def last_checkpoint(folder):
+    """What a run in `folder` saved last: its checkpoint.pth.tar, read as a user would (weights only)."""
+    return torch.load(Path(folder) / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+
+
 def fails_cleanly(done, message):
     """A non-zero exit with the message; without torchrun around it (which reports its child's failure in
     its own words), no traceback either."""

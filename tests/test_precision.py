@@ -8,7 +8,7 @@ import torch
 import noah
 import train
 from data import UserError
-from helpers import small_run, weights
+from helpers import last_checkpoint, small_run, weights
 
 CPU, GPU = torch.device("cpu"), torch.device("cuda")
 
@@ -66,28 +66,25 @@ def run_in_process(monkeypatch, capsys, found, args):
     return capsys.readouterr().out.splitlines()
 
 
-def saved(folder):
-    return torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
-
-
 def test_the_first_line_names_the_precision_and_a_resume_chooses_again_on_its_machine(image_folder, tmp_path,
                                                                                          monkeypatch, capsys):
     lines = run_in_process(monkeypatch, capsys, "AMX", small_run(image_folder, tmp_path))
     assert lines[0] == "bfloat16 autocast, channels_last: this CPU has AMX (--precision float32 for float32)"
-    assert saved(tmp_path)["precision"] == "bfloat16 autocast, channels_last"
-    assert saved(tmp_path)["args"]["precision"] == "auto"
+    assert last_checkpoint(tmp_path)["precision"] == "bfloat16 autocast, channels_last"
+    assert last_checkpoint(tmp_path)["args"]["precision"] == "auto"
     resumed = ["--resume", tmp_path / "checkpoint.pth.tar", "--epochs", 2, "--workers", 0]
     lines = run_in_process(monkeypatch, capsys, None, resumed)  # another machine: no native bfloat16
     assert lines[0] == "float32: this CPU has no native bfloat16 (AMX or AVX512-BF16)"
-    assert saved(tmp_path)["epoch"] == 2 and saved(tmp_path)["precision"] == "float32"
+    assert last_checkpoint(tmp_path)["epoch"] == 2 and last_checkpoint(tmp_path)["precision"] == "float32"
 
 
 def test_a_named_precision_stays_with_the_run_when_it_resumes(image_folder, tmp_path, monkeypatch, capsys):
     run_in_process(monkeypatch, capsys, "AMX", small_run(image_folder, tmp_path, "--precision", "float32"))
-    assert saved(tmp_path)["precision"] == "float32"
+    assert last_checkpoint(tmp_path)["precision"] == "float32"
     resumed = ["--resume", tmp_path / "checkpoint.pth.tar", "--epochs", 2, "--workers", 0]
     lines = run_in_process(monkeypatch, capsys, "AMX", resumed)
-    assert lines[0] == "float32: --precision float32 asks for it" and saved(tmp_path)["precision"] == "float32"
+    assert lines[0] == "float32: --precision float32 asks for it"
+    assert last_checkpoint(tmp_path)["precision"] == "float32"
     lines = run_in_process(monkeypatch, capsys, "AMX", resumed[:3] + [3, "--workers", 0, "--precision", "auto"])
     assert lines[0].startswith("bfloat16 autocast, channels_last")
     assert "--precision auto overrides the resumed run's float32" in lines
@@ -101,7 +98,7 @@ def test_a_resumed_bfloat16_run_continues_exactly(image_folder, tmp_path, monkey
                                                         "--resume", tmp_path / "resumed" / "checkpoint.pth.tar"))
     straight = weights(tmp_path / "straight" / "checkpoint.pth.tar")
     resumed = weights(tmp_path / "resumed" / "checkpoint.pth.tar")
-    assert saved(tmp_path / "resumed")["precision"] == "bfloat16 autocast, channels_last"
+    assert last_checkpoint(tmp_path / "resumed")["precision"] == "bfloat16 autocast, channels_last"
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 
 

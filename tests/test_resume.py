@@ -2,14 +2,9 @@
 resumed step (read in the optimizer groups of the next checkpoint), another --opt starts its state anew with a
 line saying so, and what describes the machine is chosen again where the run resumes."""
 import pytest
-import torch
 
 import train
-from helpers import small_run
-
-
-def saved(folder):
-    return torch.load(folder / "checkpoint.pth.tar", map_location="cpu", weights_only=True)
+from helpers import last_checkpoint, small_run
 
 
 def resume(capsys, folder, *flags):
@@ -26,34 +21,34 @@ def first_epoch(image_folder, folder, capsys, *flags):
 @pytest.mark.parametrize("flag, value, key", [("--wd", 0.0, "weight_decay"), ("--momentum", 0.5, "momentum")])
 def test_an_optimizer_flag_given_on_resuming_reaches_every_group(image_folder, tmp_path, capsys, flag, value, key):
     first_epoch(image_folder, tmp_path, capsys, "--wd", 0.05)
-    assert {group[key] for group in saved(tmp_path)["optimizer"]["param_groups"]} != {value}
+    assert {group[key] for group in last_checkpoint(tmp_path)["optimizer"]["param_groups"]} != {value}
     lines = resume(capsys, tmp_path, flag, value)
     assert any(line.startswith(f"{flag} {value} overrides the resumed run's") for line in lines)
-    assert {group[key] for group in saved(tmp_path)["optimizer"]["param_groups"]} == {value}
-    assert saved(tmp_path)["epoch"] == 2
+    assert {group[key] for group in last_checkpoint(tmp_path)["optimizer"]["param_groups"]} == {value}
+    assert last_checkpoint(tmp_path)["epoch"] == 2
 
 
 def test_adamws_epsilon_given_on_resuming_is_used(image_folder, tmp_path, capsys):
     first_epoch(image_folder, tmp_path, capsys, "--opt", "adamw")
     resume(capsys, tmp_path, "--opt-eps", 1e-3)
-    assert {group["eps"] for group in saved(tmp_path)["optimizer"]["param_groups"]} == {1e-3}
+    assert {group["eps"] for group in last_checkpoint(tmp_path)["optimizer"]["param_groups"]} == {1e-3}
 
 
 def test_a_new_backbone_lr_scale_regroups_the_parameters_and_keeps_their_state(image_folder, tmp_path, capsys):
     first_epoch(image_folder, tmp_path, capsys)
-    before = saved(tmp_path)["optimizer"]
+    before = last_checkpoint(tmp_path)["optimizer"]
     resume(capsys, tmp_path, "--backbone-lr-scale", 0.5)
-    groups = saved(tmp_path)["optimizer"]["param_groups"]
+    groups = last_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert sorted(group["lr_scale"] for group in groups) == [0.5, 1.0]  # the backbone's, the head's
     head = next(group for group in groups if group["lr_scale"] == 1.0)
     assert all(group["lr"] == pytest.approx(head["lr"] * group["lr_scale"]) for group in groups)
-    assert len(saved(tmp_path)["optimizer"]["state"]) == len(before["state"])  # every momentum came along
+    assert len(last_checkpoint(tmp_path)["optimizer"]["state"]) == len(before["state"])  # every momentum came along
 
 
 def test_nowd_bn_given_on_resuming_exempts_norms_and_biases(image_folder, tmp_path, capsys):
     first_epoch(image_folder, tmp_path, capsys, "--wd", 0.05)
     resume(capsys, tmp_path, "--nowd-bn")
-    decays = sorted(group["weight_decay"] for group in saved(tmp_path)["optimizer"]["param_groups"])
+    decays = sorted(group["weight_decay"] for group in last_checkpoint(tmp_path)["optimizer"]["param_groups"])
     assert decays == [0.0, 0.05]
 
 
@@ -62,7 +57,7 @@ def test_another_optimizer_on_resuming_starts_its_state_anew_and_says_so(image_f
     lines = resume(capsys, tmp_path, "--opt", "adamw")
     assert "--opt adamw: the resumed run used sgd, whose state adamw cannot use; the optimizer's state starts anew" \
         in lines
-    state = saved(tmp_path)["optimizer"]["state"]
+    state = last_checkpoint(tmp_path)["optimizer"]["state"]
     assert all("exp_avg" in value and "momentum_buffer" not in value for value in state.values())
     assert all(float(value["step"]) == 3 for value in state.values())  # one epoch (24 images, batches of 8), not two
 
@@ -70,6 +65,6 @@ def test_another_optimizer_on_resuming_starts_its_state_anew_and_says_so(image_f
 def test_a_plain_resume_restores_every_hyperparameter_of_the_run(image_folder, tmp_path, capsys):
     first_epoch(image_folder, tmp_path, capsys, "--wd", 0.05, "--momentum", 0.8, "--backbone-lr-scale", 0.3)
     resume(capsys, tmp_path)
-    groups = saved(tmp_path)["optimizer"]["param_groups"]
+    groups = last_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert {(group["weight_decay"], group["momentum"]) for group in groups} == {(0.05, 0.8)}
     assert sorted(group["lr_scale"] for group in groups) == [0.3, 1.0]
