@@ -262,7 +262,8 @@ def build_transforms(args, train, normalize=True):
             crop.append(v2.Resize(args.img_size, modes[0]))
         crop.append(v2.RandomCrop(args.img_size, padding=args.img_size // 8))
     else:
-        crop = [v2.RandomResizedCrop(args.img_size, ratio=tuple(args.crop_ratio), interpolation=mode) for mode in modes]
+        scale, ratio = tuple(args.crop_scale), tuple(args.crop_ratio)
+        crop = [v2.RandomResizedCrop(args.img_size, scale, ratio, interpolation=mode) for mode in modes]
         crop = [v2.RandomChoice(crop)] if len(crop) > 1 else crop  # random: bilinear or bicubic, per image
     fill = [round(255 * m) for m in mean]  # timm fills what geometric operations uncover with the mean
     augment = []

@@ -150,6 +150,8 @@ def get_parser():
     add("--train-interpolation", choices=["bilinear", "bicubic", "random"], help="training crops' resizing")
     add("--crop-ratio", type=float, nargs=2, default=[3 / 4, 4 / 3], metavar=("LOW", "HIGH"),
         help="aspect ratios of the random training crops (default: 3/4 to 4/3)")
+    add("--crop-scale", type=float, nargs=2, default=[0.08, 1.0], metavar=("LOW", "HIGH"),
+        help="areas of the random training crops, as a share of the photo's (default: 0.08 to 1)")
     add("--normalize", choices=list(noah.MEAN_STD), help="input mean and std (default: the model's)")
     add("--train-size", type=bounded(int, ">= 1"), default=2000, help="shapes / fake images per epoch (quick: 5000)")
     add("--val-size", type=bounded(int, ">= 1"), default=500, help="validation images of shapes / fake")
@@ -175,7 +177,9 @@ def get_parser():
     add("--opt-eps", type=bounded(float, "> 0"), default=1e-8, help="AdamW epsilon")
     add("--wd", "--weight-decay", dest="wd", type=bounded(float, ">= 0"), default=1e-4, help="weight decay")
     add("--nowd-bn", action="store_true", help="no weight decay on norm weights and biases")
-    add("--lr-decay", choices=["schedule", "cos", "linear"], default="cos", help="per epoch, as the original")
+    add("--lr-decay", choices=["schedule", "cos", "linear"], default="cos", help="the schedule's shape")
+    add("--lr-per-step", action=argparse.BooleanOptionalAction, default=False, help="move the lr (warmup and "
+        "decay) at every step; by default once per epoch, as the original")
     add("--schedule", type=int, nargs="+", default=[150, 225], help="epochs where 'schedule' decays")
     add("--gamma", type=bounded(float, "> 0"), default=0.1, help="'schedule' multiplies the lr by this")
     add("--warmup-epochs", type=bounded(int, ">= 0"), default=0, help="linear warmup from --warmup-lr")
@@ -539,7 +543,8 @@ def wrap_model(model, args, procs):
 
 
 def epoch_lr(args, epoch):
-    """The learning rate epoch `epoch` trains at: the schedule's, --lr-step-lag epochs late (DeiT, PVT)."""
+    """The learning rate epoch `epoch` trains at: the schedule's, --lr-step-lag epochs late (DeiT, PVT). With
+    --lr-per-step, `epoch` has a fraction: the share of the epoch's steps done."""
     return lr_at(args, max(epoch - args.lr_step_lag, 0))
 
 
@@ -805,6 +810,8 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
                 last_line = progress_line(epoch, step, steps, seen, loss_sum, lr, started, args)  # a log: no bar
             looked = step
         seen += readable
+        if args.lr_per_step:
+            lr = set_learning_rate(optimizer, epoch_lr(args, epoch + step / steps))
         images = data.normalize_batch(images.to(procs.device, non_blocking=True), args.normalize)
         labels = labels.to(procs.device, non_blocking=True)
         images, targets = (images, labels) if mixup_cutmix is None else mixup_cutmix(images, labels)  # soft targets

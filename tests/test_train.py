@@ -202,6 +202,37 @@ def test_learning_rate_follows_the_original_schedules():
     assert train.lr_at(args, 5) == pytest.approx(1e-5 + (0.1 - 1e-5) * (1 + math.cos(math.pi * 5 / 100)) / 2)
 
 
+def lrs_set_in_training(monkeypatch, image_folder, tmp_path, *flags):
+    """Every lr train.py sets while it trains 2 epochs of 3 steps (24 images, batch 8), in order."""
+    set_so_far, set_learning_rate = [], train.set_learning_rate
+
+    def recording(optimizer, lr):
+        set_so_far.append(lr)
+        return set_learning_rate(optimizer, lr)
+
+    monkeypatch.setattr(train, "set_learning_rate", recording)
+    train.main([str(a) for a in small_run(image_folder, tmp_path, "--epochs", 2, "--warmup-epochs", 1,
+                                          "--warmup-lr", 0, "--lr-decay", "cos", *flags)])
+    return set_so_far
+
+
+def test_lr_per_step_warms_up_and_decays_at_every_step(monkeypatch, image_folder, tmp_path):
+    per_step = lrs_set_in_training(monkeypatch, image_folder, tmp_path / "step", "--lr-per-step")
+    cosine = lambda epoch: 0.01 * (1 + math.cos(math.pi * epoch / 2)) / 2
+    # each epoch: its start, then each of its 3 steps at the share of the epoch done
+    expected = [0.0, 0.0, 0.01 / 3, 0.02 / 3, cosine(1), cosine(1), cosine(4 / 3), cosine(5 / 3)]
+    assert per_step == pytest.approx(expected)
+    per_epoch = lrs_set_in_training(monkeypatch, image_folder, tmp_path / "epoch")
+    assert per_epoch == pytest.approx([0.0, cosine(1)])  # as the original: once per epoch
+
+
+def test_crop_scale_sets_the_area_of_the_training_crops():
+    default = data.build_transforms(train.parse_args(["--data", "D"]), train=True).transforms[0]
+    assert default.scale == (0.08, 1.0)
+    args = train.parse_args(["--data", "D", "--crop-scale", "0.35", "1"])
+    assert data.build_transforms(args, train=True).transforms[0].scale == (0.35, 1.0)
+
+
 def test_nowd_bn_decays_only_convolution_and_linear_weights():
     model = train.noah.create_model("resnet18", num_classes=10)
     decay, no_decay = train.param_groups(model, 1e-4, nowd_bn=True)
