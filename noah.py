@@ -1173,7 +1173,9 @@ def show_evidence(models, image, class_names=None, top_k=2, mean=None, std=None,
             shown[kind] = overlay(axes[row, col + 1], picture, maps[row].cpu(), upsample, **styles[kind])
     where = (f"the {grids[label]} feature grid" if len(set(grids.values())) == 1 else
              "feature grids of " + ", ".join(f"{grid} ({label})" for label, grid in grids.items()))
-    finish_figure(fig, axes, titles, f"each model's maps of its top classes, on {where} ({upsample} upsampling)")
+    first_label = next(iter(models))
+    finish_figure(fig, axes, titles, f"every model's maps of {first_label}'s top classes ({first_label}'s "
+                                     f"probabilities), on {where} ({upsample} upsampling)")
     for kind, label in (("attention", "attention"), ("evidence", "evidence (sums to the logit)")):
         if kind in shown:
             fig.colorbar(shown[kind], ax=axes, shrink=0.8, label=label)
