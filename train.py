@@ -145,6 +145,8 @@ def get_parser():
         help="loader processes per process: its share of the cores with a GPU, half of it on a CPU, where the "
         "training needs the rest (docs/performance.md, section 5)")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
+    add("--resize-from", type=bounded(int, ">= 1"), metavar="PIXELS", help="progressive resizing: training begins "
+        "at PIXELS and grows to --img-size (see training_size); evaluation stays at --img-size")
     add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
     add("--train-interpolation", choices=["bilinear", "bicubic", "random"], help="training crops' resizing")
@@ -250,6 +252,9 @@ def parse_args(argv=None):
         args.lr = DEIT_LR_PER_512 * args.train_batch / 512  # the original scales the lr with the global batch
     args.dataset = args.dataset or "imagenet"
     args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
+    if args.resize_from is not None and args.resize_from >= args.img_size:
+        raise UserError(f"--resize-from {args.resize_from}: progressive resizing grows the training images up to "
+                        f"--img-size {args.img_size}, so it begins below it")
     entry = noah.MODELS[args.arch]
     args.normalize = args.normalize or entry.normalize
     args.crop_pct = entry.crop_pct if args.crop_pct is None else args.crop_pct
@@ -560,6 +565,32 @@ def lr_at(args, epoch):
     return args.lr * (1 - epoch / args.epochs)  # linear
 
 
+def training_size(args, epoch):
+    """The size epoch `epoch` trains at. With --resize-from, progressive resizing: the size grows from
+    --resize-from in steps of 16 pixels, linearly over the first three quarters of the run, and the last quarter
+    trains at --img-size, the size evaluation sees. Small images early buy time: a step costs about the pixels."""
+    if args.resize_from is None:
+        return args.img_size
+    ramp_epochs = 0.75 * args.epochs
+    if epoch >= ramp_epochs:
+        return args.img_size
+    grown = (args.img_size - args.resize_from) * epoch / ramp_epochs
+    return args.resize_from + 16 * int(grown // 16)
+
+
+def size_schedule(args):
+    """Progressive resizing in words: 'epochs 1-7 at 96 px, 8-15 at 112 px, 16-20 at 128 px'."""
+    spans = []  # [first epoch, last epoch, size], 1-based
+    for epoch in range(args.epochs):
+        size = training_size(args, epoch)
+        if spans and spans[-1][2] == size:
+            spans[-1][1] = epoch + 1
+        else:
+            spans.append([epoch + 1, epoch + 1, size])
+    words = [f"epoch {first}" if first == last else f"epochs {first}-{last}" for first, last, _ in spans]
+    return ", ".join(f"{epochs} at {size} px" for epochs, (_, _, size) in zip(words, spans))
+
+
 def param_groups(model, weight_decay, nowd_bn, backbone_lr_scale=1.0):
     """The parameters grouped by weight decay and learning-rate scale. With --nowd-bn, as the original (timm's
     rule): no decay for parameters of one dimension (norms), biases, and those the model names in its
@@ -790,6 +821,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     batches = iter(loader)  # starting the loader draws random numbers, so reseed after it
     reseed(args.manualSeed, epoch, procs.rank)
     lr = set_learning_rate(optimizer, epoch_lr(args, epoch))
+    size = training_size(args, epoch)
     net.train()
     started = last_line = time.time()
     seen = unreadable = looked = 0  # images (of all processes), unreadable ones; looked: the step the loss was read
@@ -812,10 +844,7 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
         seen += readable
         if args.lr_per_step:
             lr = set_learning_rate(optimizer, epoch_lr(args, epoch + step / steps))
-        images = data.normalize_batch(images.to(procs.device, non_blocking=True), args.normalize)
-        labels = labels.to(procs.device, non_blocking=True)
-        images, targets = (images, labels) if mixup_cutmix is None else mixup_cutmix(images, labels)  # soft targets
-        images = images.contiguous(memory_format=procs.memory_format)  # after MixUp: on a GPU its roll drops it
+        images, labels, targets = batch_on_device(images, labels, size, mixup_cutmix, args, procs)
         with procs.autocast():
             logits = net(images)
             loss = F.cross_entropy(logits, targets, label_smoothing=args.smoothing)
@@ -832,8 +861,23 @@ def train_one_epoch(net, model, loader, optimizer, scaler, ema, mixup_cutmix, ep
     loss_sum, hits = sum_over_processes(sums.tolist(), procs)
     stop_if_not_finite(loss_sum, f"loss at epoch {epoch + 1}, steps {looked + 1} to {steps} of {steps}", args)
     seconds = time.time() - started  # train top-1: on augmented images, in train mode
-    return dict(lr=lr, train_loss=loss_sum / seen, train_top1=None if mixup_cutmix else 100 * hits / seen,
-                images_per_s=seen / seconds, seconds=seconds, unreadable_train_images=int(unreadable))
+    return dict(lr=lr, img_size=size, train_loss=loss_sum / seen,
+                train_top1=None if mixup_cutmix else 100 * hits / seen, images_per_s=seen / seconds, seconds=seconds,
+                unreadable_train_images=int(unreadable))
+
+
+def batch_on_device(images, labels, size, mixup_cutmix, args, procs):
+    """A loader's batch as the model trains on it -> images, labels, targets: normalized on the device, made
+    `size` pixels wide (progressive resizing), mixed by MixUp / CutMix (soft targets), in the run's memory format."""
+    images = data.normalize_batch(images.to(procs.device, non_blocking=True), args.normalize)
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True)
+    labels = labels.to(procs.device, non_blocking=True)
+    targets = labels
+    if mixup_cutmix is not None:
+        images, targets = mixup_cutmix(images, labels)
+    images = images.contiguous(memory_format=procs.memory_format)  # after MixUp: on a GPU its roll drops it
+    return images, labels, targets
 
 
 def set_learning_rate(optimizer, lr):
@@ -991,6 +1035,8 @@ def main(argv=None):
         start_epoch, best_acc, log = restore_run(args, checkpoint, model, optimizer, scaler, ema, procs)
         del checkpoint  # restored: its weights and optimizer state (a gigabyte for DeiT-B) need not stay in memory
         mixup_cutmix = data.build_mixup_cutmix(args, len(classes))
+        if args.resize_from is not None:
+            procs.print(f"progressive resizing: {size_schedule(args)}")
         with interruptible(args.checkpoint):
             for epoch in range(start_epoch, args.epochs):
                 record = train_one_epoch(net, model, train_loader, optimizer, scaler, ema, mixup_cutmix, epoch, args,

@@ -233,6 +233,34 @@ def test_crop_scale_sets_the_area_of_the_training_crops():
     assert data.build_transforms(args, train=True).transforms[0].scale == (0.35, 1.0)
 
 
+def test_progressive_resizing_grows_in_steps_of_16_and_ends_at_the_evaluated_size():
+    args = train.parse_args(["--preset", "imagenette", "--data", "D", "--resize-from", "96"])
+    assert [train.training_size(args, epoch) for epoch in range(20)] == [96] * 8 + [112] * 7 + [128] * 5
+    assert train.size_schedule(args) == "epochs 1-8 at 96 px, epochs 9-15 at 112 px, epochs 16-20 at 128 px"
+    args = train.parse_args(["--preset", "imagenette", "--data", "D"])
+    assert {train.training_size(args, epoch) for epoch in range(20)} == {128}
+    with pytest.raises(data.UserError, match="--resize-from 128: progressive resizing grows .* up to --img-size 128"):
+        train.parse_args(["--preset", "imagenette", "--data", "D", "--resize-from", "128"])
+
+
+def test_progressive_resizing_trains_on_images_of_the_epochs_size(monkeypatch, image_folder, tmp_path, capsys):
+    seen = []
+    wrap_model = train.wrap_model
+
+    def wrap_and_watch(model, args, procs):
+        model.register_forward_pre_hook(lambda module, inputs: seen.append((module.training, inputs[0].shape[-1])))
+        return wrap_model(model, args, procs)
+
+    monkeypatch.setattr(train, "wrap_model", wrap_and_watch)
+    train.main([str(a) for a in small_run(image_folder, tmp_path, "--epochs", 4, "--resize-from", 16)])
+    # the ramp spans 3 of the 4 epochs, too few to grow by a step of 16 pixels before it ends
+    assert "progressive resizing: epochs 1-3 at 16 px, epoch 4 at 32 px" in capsys.readouterr().out
+    trained = [size for training, size in seen if training]  # 3 steps an epoch
+    assert trained == [16] * 9 + [32] * 3
+    assert {size for training, size in seen if not training} == {32}  # evaluation at --img-size
+    assert [record["img_size"] for record in read_log(tmp_path)] == [16, 16, 16, 32]
+
+
 def test_nowd_bn_decays_only_convolution_and_linear_weights():
     model = train.noah.create_model("resnet18", num_classes=10)
     decay, no_decay = train.param_groups(model, 1e-4, nowd_bn=True)
