@@ -6,6 +6,8 @@ evidence and class activation maps (noah.py, section 5) find the object. Evaluat
   `box_hits`         box accuracy: is the box drawn around the map's high cells right, at IoU >= 0.5?
                      (MaxBoxAcc, Choe et al., CVPR 2020)
   `read_boxes`       ImageNet's human-drawn boxes for the Imagenette photos that are ImageNet validation photos
+  `concentration`    how concentrated attention maps are: normalized entropy, and the peak against a uniform map
+  `peak_on_edge`     does a map's peak lie on its grid's corner cells, on its outer ring?
 
 Maps are (B, H, W) on a feature grid, boxes (x0, y0, x1, y1) in pixels of an image of (height, width), one per
 image (B, 4) or several (B, M, 4) with rows of NaN where an image has fewer.
@@ -77,6 +79,28 @@ def box_hits(maps, boxes, image_size, thresholds=100, min_iou=0.5, grid=None):
     cell = (height / gh, width / gw)  # a cell's size in pixels
     hits = [_region_box_iou(m >= cut[:, None, None], b, cell) >= min_iou for m, b in zip(maps, boxes)]
     return torch.stack(hits)
+
+
+def concentration(maps):
+    """How concentrated attention maps are, for maps (..., H, W) that each sum to 1 over their L = H x W cells (a
+    POCA) -> (normalized entropy, peak over uniform), each (...,):
+    normalized entropy  -sum p ln p / ln L: 1 for a uniform map, 0 for one on a single cell;
+    peak over uniform   the largest cell's weight times L: 1 for a uniform map, L for one on a single cell."""
+    cells = maps.flatten(-2).double()
+    entropy = -torch.special.xlogy(cells, cells).sum(dim=-1) / torch.log(torch.tensor(cells.shape[-1]).double())
+    return entropy.float(), (cells.amax(dim=-1) * cells.shape[-1]).float()
+
+
+def peak_on_edge(maps):
+    """Where each map's peak cell lies on its grid -> (corner, border) booleans (...,): corner, one of the 4 corner
+    cells; border, any cell of the outer ring, corners included. Of an H x W grid's cells, the corners are 4 / (H W)
+    and the ring 1 - (H - 2)(W - 2) / (H W): what a peak placed at random would score."""
+    H, W = maps.shape[-2:]
+    peak = maps.flatten(-2).argmax(dim=-1)
+    row, column = peak // W, peak % W
+    on_row_edge = (row == 0) | (row == H - 1)
+    on_column_edge = (column == 0) | (column == W - 1)
+    return on_row_edge & on_column_edge, on_row_edge | on_column_edge
 
 
 def _region_box_iou(masks, boxes, cell):

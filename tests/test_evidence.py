@@ -103,6 +103,7 @@ def test_show_evidence_puts_noah_and_gap_side_by_side():
                 and len(ax.get_images()) == 2 and ax.get_images()[1].get_cmap().name == "RdBu_r"]
     assert len(evidence) == 4 and len({image.get_clim() for image in evidence}) == 1  # one shared scale
     assert all(image.get_interpolation() == "bilinear" for image in evidence)
+    assert "every model's maps of NOAH's top classes (NOAH's probabilities)" in figure.get_suptitle()
     assert no_overlaps(figure)
     matplotlib.pyplot.close(figure)
 
@@ -196,3 +197,23 @@ def test_box_hits_takes_the_best_of_every_region_and_joins_diagonal_cells():
     assert hits[1:8].all() and not hits[0] and not hits[8:].any()  # at 0: the whole image; above 0.75: top left
     diagonal = torch.eye(8)[None]  # cells touching at their corners: one region, the whole image's box
     assert localize.box_hits(diagonal, torch.tensor([[0.0, 0, 64, 64]]), (64, 64), thresholds=2, grid=(8, 8)).all()
+
+
+def test_concentration_is_1_for_uniform_maps_and_0_or_the_grid_for_one_cell():
+    uniform = torch.full((2, 4, 4), 1 / 16)
+    one_cell = torch.zeros(2, 4, 4)
+    one_cell[:, 1, 2] = 1.0
+    half_and_half = torch.zeros(4, 4)
+    half_and_half[0, 0] = half_and_half[3, 3] = 0.5
+    entropy, peak = localize.concentration(torch.stack([uniform[0], one_cell[0], half_and_half]))
+    torch.testing.assert_close(entropy, torch.tensor([1.0, 0.0, 0.25]))  # ln 2 / ln 16
+    torch.testing.assert_close(peak, torch.tensor([1.0, 16.0, 8.0]))
+
+
+def test_peak_on_edge_tells_corners_and_the_outer_ring_from_the_inside():
+    maps = torch.zeros(5, 3, 4)  # a 3 x 4 grid: one inner row, two inner columns
+    for map_, (y, x) in zip(maps, [(0, 0), (2, 3), (0, 1), (1, 3), (1, 2)]):
+        map_[y, x] = 1.0
+    corner, border = localize.peak_on_edge(maps)
+    assert corner.tolist() == [True, True, False, False, False]
+    assert border.tolist() == [True, True, True, True, False]
