@@ -71,12 +71,15 @@ def make_presets():
     maps at 128 pixels, fine enough to find the objects); `imagenette` is the fast check on real photos."""
     small = dict(use_noah=True, opt="adamw", wd=0.05, nowd_bn=True, lr_decay="cos", train_batch=64, manualSeed=0)
     on_shapes = dict(small, dataset="shapes", train_size=5000, workers=1)
+    # Imagenette's, from the probes of docs/results.md: the lr moves at every step after one epoch of warmup, the
+    # crops keep at least 35% of the photo, and the photos grow from 96 to 128 px (progressive resizing)
+    fast_check = dict(lr_per_step=True, warmup_epochs=1, crop_scale=[0.35, 1.0], resize_from=0.75)
     presets = {"quick": dict(on_shapes, arch="resnet18", img_size=64, epochs=5, lr=1e-3,
                              checkpoint="./checkpoints/quick"),
                "shapes": dict(on_shapes, arch="mobilenetv3_small", img_size=128, epochs=4, lr=3e-3,
                               checkpoint="./checkpoints/shapes"),
-               "imagenette": dict(small, dataset="imagenette", arch="resnet18", img_size=128, epochs=20, lr=2e-3,
-                                  smoothing=0.1, checkpoint="./checkpoints/imagenette")}
+               "imagenette": dict(small, **fast_check, dataset="imagenette", arch="resnet18", img_size=128, epochs=20,
+                                  lr=2e-3, smoothing=0.1, checkpoint="./checkpoints/imagenette")}
     for name, entry in noah.MODELS.items():
         if entry.family not in RECIPES:
             raise ValueError(f"model {name} belongs to the family {entry.family!r}, which has no training recipe: "
@@ -145,8 +148,9 @@ def get_parser():
         help="loader processes per process: its share of the cores with a GPU, half of it on a CPU, where the "
         "training needs the rest (docs/performance.md, section 5)")
     add("--img-size", type=bounded(int, ">= 1"), help="training resolution (default: 224, CIFAR 32, shapes 64)")
-    add("--resize-from", type=bounded(int, ">= 1"), metavar="PIXELS", help="progressive resizing: training begins "
-        "at PIXELS and grows to --img-size (see training_size); evaluation stays at --img-size")
+    add("--resize-from", type=bounded(float, "in (0, 1]"), metavar="SHARE", help="progressive resizing: training "
+        "begins at this share of --img-size (0.75: 96 px of 128) and grows to it (see training_size); evaluation "
+        "stays at --img-size")
     add("--crop-pct", type=bounded(float, "in (0, 1]"), help="evaluation: resize to img-size / crop-pct, centre crop")
     add("--interpolation", choices=["bilinear", "bicubic"], help="resizing (default: the model's)")
     add("--train-interpolation", choices=["bilinear", "bicubic", "random"], help="training crops' resizing")
@@ -252,9 +256,6 @@ def parse_args(argv=None):
         args.lr = DEIT_LR_PER_512 * args.train_batch / 512  # the original scales the lr with the global batch
     args.dataset = args.dataset or "imagenet"
     args.img_size = args.img_size or {"cifar10": 32, "cifar100": 32, "shapes": 64}.get(args.dataset, 224)
-    if args.resize_from is not None and args.resize_from >= args.img_size:
-        raise UserError(f"--resize-from {args.resize_from}: progressive resizing grows the training images up to "
-                        f"--img-size {args.img_size}, so it begins below it")
     entry = noah.MODELS[args.arch]
     args.normalize = args.normalize or entry.normalize
     args.crop_pct = entry.crop_pct if args.crop_pct is None else args.crop_pct
@@ -289,6 +290,7 @@ def restore_arguments(args, argv, checkpoint):
     if not isinstance(saved, dict):
         return []
     given, flags, overrides = explicit_flags(argv), get_parser().flags, []
+    applied_preset = args.preset  # the preset parse_args applied, before the saved run's own comes back
     if given.get("preset", saved.get("preset")) != saved.get("preset"):
         recipe = f"--preset {saved['preset']}" if saved.get("preset") else "no preset"
         raise UserError(f"--preset {given['preset']}: {args.resume} continues a run of {recipe}, whose recipe it "
@@ -301,6 +303,10 @@ def restore_arguments(args, argv, checkpoint):
             setattr(args, key, value)
         elif given[key] != value:
             overrides.append(f"{flags[key]} {given[key]} overrides the resumed run's {value}")
+    plain = get_parser()  # a preset's flag newer than the checkpoint: the run trained with the flag's default
+    for key in PRESETS.get(applied_preset, {}):
+        if key not in saved and key not in given and key not in MACHINE:
+            setattr(args, key, plain.get_default(key))
     if scales_lr_with_batch(args.preset, given) and args.train_batch != saved["train_batch"]:
         args.lr = saved["lr"] * args.train_batch / saved["train_batch"]  # as parse_args does for a new run
         overrides.append(f"--lr follows the batch, as the recipe does: {saved['lr']:g} -> {args.lr:g}")
@@ -566,16 +572,18 @@ def lr_at(args, epoch):
 
 
 def training_size(args, epoch):
-    """The size epoch `epoch` trains at. With --resize-from, progressive resizing: the size grows from
-    --resize-from in steps of 16 pixels, linearly over the first three quarters of the run, and the last quarter
-    trains at --img-size, the size evaluation sees. Small images early buy time: a step costs about the pixels."""
+    """The size epoch `epoch` trains at. With --resize-from, progressive resizing: the size grows from that share
+    of --img-size in steps of 16 pixels, linearly over the first three quarters of the run, and the last quarter
+    (at least the last epoch) trains at --img-size, the size evaluation sees. Small images early buy time: a step
+    costs about the pixels."""
     if args.resize_from is None:
         return args.img_size
     ramp_epochs = 0.75 * args.epochs
-    if epoch >= ramp_epochs:
+    if epoch >= min(ramp_epochs, args.epochs - 1):
         return args.img_size
-    grown = (args.img_size - args.resize_from) * epoch / ramp_epochs
-    return args.resize_from + 16 * int(grown // 16)
+    start = round(args.resize_from * args.img_size)
+    grown = (args.img_size - start) * epoch / ramp_epochs
+    return start + 16 * int(grown // 16)
 
 
 def size_schedule(args):

@@ -2,6 +2,7 @@
 resumed step (read in the optimizer groups of the next checkpoint), another --opt starts its state anew with a
 line saying so, and what describes the machine is chosen again where the run resumes."""
 import pytest
+import torch
 
 import train
 from helpers import last_checkpoint, small_run
@@ -68,3 +69,17 @@ def test_a_plain_resume_restores_every_hyperparameter_of_the_run(image_folder, t
     groups = last_checkpoint(tmp_path)["optimizer"]["param_groups"]
     assert {(group["weight_decay"], group["momentum"]) for group in groups} == {(0.05, 0.8)}
     assert sorted(group["lr_scale"] for group in groups) == [0.3, 1.0]
+
+
+def test_a_preset_flag_newer_than_the_checkpoint_takes_its_default_not_the_presets(image_folder, tmp_path, capsys,
+                                                                                    monkeypatch):
+    first_epoch(image_folder, tmp_path, capsys)
+    older = last_checkpoint(tmp_path)  # as a checkpoint written before these flags existed
+    for key in ("crop_scale", "lr_per_step"):
+        del older["args"][key]
+    torch.save(older, tmp_path / "checkpoint.pth.tar")
+    monkeypatch.setitem(train.PRESETS, "quick", dict(train.PRESETS["quick"], crop_scale=[0.5, 1.0], lr_per_step=True))
+    resume(capsys, tmp_path)  # --resume alone parses with the quick preset's defaults
+    assert last_checkpoint(tmp_path)["args"]["crop_scale"] == [0.08, 1.0]
+    assert last_checkpoint(tmp_path)["args"]["lr_per_step"] is False
+

@@ -234,13 +234,15 @@ def test_crop_scale_sets_the_area_of_the_training_crops():
 
 
 def test_progressive_resizing_grows_in_steps_of_16_and_ends_at_the_evaluated_size():
-    args = train.parse_args(["--preset", "imagenette", "--data", "D", "--resize-from", "96"])
+    args = train.parse_args(["--data", "D", "--img-size", "128", "--epochs", "20", "--resize-from", "0.75"])
     assert [train.training_size(args, epoch) for epoch in range(20)] == [96] * 8 + [112] * 7 + [128] * 5
     assert train.size_schedule(args) == "epochs 1-8 at 96 px, epochs 9-15 at 112 px, epochs 16-20 at 128 px"
-    args = train.parse_args(["--preset", "imagenette", "--data", "D"])
+    args = train.parse_args(["--data", "D", "--img-size", "128", "--epochs", "1", "--resize-from", "0.75"])
+    assert train.training_size(args, 0) == 128  # a run's last epoch trains at the size it is evaluated at
+    args = train.parse_args(["--data", "D", "--img-size", "128", "--epochs", "20"])
     assert {train.training_size(args, epoch) for epoch in range(20)} == {128}
-    with pytest.raises(data.UserError, match="--resize-from 128: progressive resizing grows .* up to --img-size 128"):
-        train.parse_args(["--preset", "imagenette", "--data", "D", "--resize-from", "128"])
+    with pytest.raises(data.UserError, match="--resize-from 1.5: must be in"):
+        train.parse_args(["--data", "D", "--resize-from", "1.5"])
 
 
 def test_progressive_resizing_trains_on_images_of_the_epochs_size(monkeypatch, image_folder, tmp_path, capsys):
@@ -252,7 +254,7 @@ def test_progressive_resizing_trains_on_images_of_the_epochs_size(monkeypatch, i
         return wrap_model(model, args, procs)
 
     monkeypatch.setattr(train, "wrap_model", wrap_and_watch)
-    train.main([str(a) for a in small_run(image_folder, tmp_path, "--epochs", 4, "--resize-from", 16)])
+    train.main([str(a) for a in small_run(image_folder, tmp_path, "--epochs", 4, "--resize-from", 0.5)])
     # the ramp spans 3 of the 4 epochs, too few to grow by a step of 16 pixels before it ends
     assert "progressive resizing: epochs 1-3 at 16 px, epoch 4 at 32 px" in capsys.readouterr().out
     trained = [size for training, size in seen if training]  # 3 steps an epoch
