@@ -587,7 +587,7 @@ def training_size(args, epoch):
 
 
 def size_schedule(args):
-    """Progressive resizing in words: 'epochs 1-7 at 96 px, 8-15 at 112 px, 16-20 at 128 px'."""
+    """Progressive resizing in words: 'epochs 1-8 at 96 px, epochs 9-15 at 112 px, epochs 16-20 at 128 px'."""
     spans = []  # [first epoch, last epoch, size], 1-based
     for epoch in range(args.epochs):
         size = training_size(args, epoch)
