@@ -44,7 +44,8 @@ def monkeypatch_module():
     ("03_poca_maps.ipynb", ["pointing game: NOAH", "in its own tile", "GAP + FC: CAM", "peaks on its own tile",
                             "random point, uniform map"]),
     ("04_real_photos.ipynb", ["NOAH      val top-1", "GAP + FC  val top-1", "NOAH: class evidence", "GAP + FC: CAM",
-                              "centred box / uniform / centre", "photo "]),
+                              "centred box / uniform / centre", "normalized entropy | peak / uniform", "ring, padded",
+                              "flipped: with content", "photo "]),
 ])
 def test_notebook_runs_top_to_bottom(notebook, expected, notebook_runs):
     from nbclient import NotebookClient
