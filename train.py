@@ -654,10 +654,16 @@ def restore_run(args, checkpoint, model, optimizer, scaler, ema, procs):
     if ema is not None and "ema" in checkpoint:
         ema.load_state_dict(checkpoint["ema"])
     start_epoch, log_path = checkpoint["epoch"], os.path.join(os.path.dirname(args.resume), "log.jsonl")
+    best_acc = float(checkpoint["best_acc"])
     log = []
     if procs.is_main and os.path.exists(log_path):
         log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
-    return start_epoch, float(checkpoint["best_acc"]), log
+    procs.print(f"resuming after epoch {start_epoch} of {args.epochs} (best top-1 {best_acc:.2f}%)")
+    trained_in = checkpoint.get("precision")
+    if trained_in and trained_in != procs.precision:  # `auto` chose again on another machine: a study should know
+        procs.print(f"epoch {start_epoch}, the checkpoint's last, ran in {trained_in}; "
+                    f"the run continues in {procs.precision}")
+    return start_epoch, best_acc, log
 
 
 def restore_optimizer(optimizer, checkpoint, model, args, procs):

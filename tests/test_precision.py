@@ -75,6 +75,8 @@ def test_the_first_line_names_the_precision_and_a_resume_chooses_again_on_its_ma
     resumed = ["--resume", tmp_path / "checkpoint.pth.tar", "--epochs", 2, "--workers", 0]
     lines = run_in_process(monkeypatch, capsys, None, resumed)  # another machine: no native bfloat16
     assert lines[0] == "float32: this CPU has no native bfloat16 (AMX or AVX512-BF16)"
+    changed = "epoch 1, the checkpoint's last, ran in bfloat16 autocast, channels_last; the run continues in float32"
+    assert changed in lines
     assert last_checkpoint(tmp_path)["epoch"] == 2 and last_checkpoint(tmp_path)["precision"] == "float32"
 
 

@@ -19,6 +19,14 @@ def first_epoch(image_folder, folder, capsys, *flags):
     capsys.readouterr()
 
 
+def test_a_resume_says_where_it_continues(image_folder, tmp_path, capsys):
+    first_epoch(image_folder, tmp_path, capsys)
+    best = last_checkpoint(tmp_path)["best_acc"]
+    lines = resume(capsys, tmp_path)
+    assert f"resuming after epoch 1 of 2 (best top-1 {best:.2f}%)" in lines
+    assert not any("the run continues in" in line for line in lines)  # the same precision: nothing more to say
+
+
 @pytest.mark.parametrize("flag, value, key", [("--wd", 0.0, "weight_decay"), ("--momentum", 0.5, "momentum")])
 def test_an_optimizer_flag_given_on_resuming_reaches_every_group(image_folder, tmp_path, capsys, flag, value, key):
     first_epoch(image_folder, tmp_path, capsys, "--wd", 0.05)
