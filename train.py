@@ -660,7 +660,7 @@ def restore_run(args, checkpoint, model, optimizer, scaler, ema, procs):
         log = [r for r in map(json.loads, open(log_path)) if r["epoch"] <= start_epoch]  # drop epochs to be redone
     procs.print(f"resuming after epoch {start_epoch} of {args.epochs} (best top-1 {best_acc:.2f}%)")
     trained_in = checkpoint.get("precision")
-    if trained_in and trained_in != procs.precision:  # `auto` chose again on another machine: a study should know
+    if trained_in and trained_in != procs.precision:  # another machine, or --precision given: a study should know
         procs.print(f"epoch {start_epoch}, the checkpoint's last, ran in {trained_in}; "
                     f"the run continues in {procs.precision}")
     return start_epoch, best_acc, log
