@@ -1070,12 +1070,27 @@ def main(argv=None):
     return dict(best_acc=best_acc, log=log)
 
 
+FIRST_PROCESS_GRACE_S = 20  # seconds; torchrun sees a failed process within a tenth of a second
+
+
+def report(error):
+    """The one line a failed run ends with. Under torchrun the first process speaks for all: the others leave it
+    time to fail too (torchrun then ends them, their line unsaid), and say their own line only if it goes on,
+    which means the error was theirs alone. Were they to exit at once, torchrun could end the first process
+    before it had printed, and the run would end without its reason."""
+    rank = int(os.environ.get("RANK", 0))
+    if rank == 0:
+        print(error if isinstance(error, Interrupted) else f"error: {error}", file=sys.stderr)
+    elif not isinstance(error, Interrupted):  # Ctrl-C reaches every process: the first one says it
+        time.sleep(FIRST_PROCESS_GRACE_S)
+        print(f"process {rank}: error: {error}", file=sys.stderr)
+
+
 if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(e if isinstance(e, Interrupted) else f"error: {e}", file=sys.stderr)
+        report(e)
         sys.exit(130 if isinstance(e, Interrupted) else 1)
     except KeyboardInterrupt:  # before training began: nothing was written
         print("interrupted", file=sys.stderr)

@@ -492,6 +492,19 @@ def test_global_batch_that_does_not_split_over_the_processes(image_folder, tmp_p
     assert not tmp_path.exists() or not os.listdir(tmp_path)
 
 
+def test_under_torchrun_the_first_process_says_the_error_and_another_only_if_it_was_alone(monkeypatch, capsys):
+    waited = []
+    monkeypatch.setattr(train.time, "sleep", waited.append)  # not spent here: it is where torchrun ends the others
+    error = data.UserError("--flag: wrong")
+    for rank, said in (("0", "error: --flag: wrong\n"), ("1", "process 1: error: --flag: wrong\n")):
+        monkeypatch.setenv("RANK", rank)
+        train.report(error)
+        assert capsys.readouterr().err == said
+    assert waited == [train.FIRST_PROCESS_GRACE_S]  # the second process, before it spoke
+    train.report(train.Interrupted("interrupted; no checkpoint was written yet"))  # Ctrl-C: the first one says it
+    assert capsys.readouterr().err == "" and len(waited) == 1
+
+
 @pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(image_folder, tmp_path):
     run(small_run(image_folder, tmp_path))
