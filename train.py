@@ -1070,7 +1070,7 @@ def main(argv=None):
     return dict(best_acc=best_acc, log=log)
 
 
-FIRST_PROCESS_GRACE_S = 20  # seconds; torchrun sees a failed process within a tenth of a second
+FIRST_PROCESS_GRACE_S = 20  # seconds; torchrun looks at its processes every 0.1 s by default (--monitor-interval)
 
 
 def report(error):
